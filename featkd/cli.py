@@ -1,0 +1,174 @@
+"""The `featkd` command line.
+
+    featkd quickstart                         compare KD, FitNets, AT, RKD on digits (3 seeds)
+    featkd train CONFIG [key=value ...]       one run from a YAML config
+    featkd compare FILE [key=value ...]       variants x seeds -> results table
+    featkd inspect MODEL                      hookable module names with their shapes
+    featkd list [losses|models|...]           what the registries hold
+    featkd config CONFIG [key=value ...]      print the resolved, validated config
+
+Bad input (an unknown key, loss, model, feature name, a missing file) prints one message
+saying what was wrong and what to do, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+KINDS = ("losses", "adapters", "models", "datasets", "optimizers", "schedulers")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featkd", description="Feature- and relation-based knowledge distillation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run one experiment from a YAML config")
+    p.add_argument("config", help="path to a YAML config, or the name of a shipped one (quickstart)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.kd.temperature=2 logger=none")
+
+    p = sub.add_parser("compare", help="run the variants of a comparison file over seeds; print a table")
+    p.add_argument("file", help="comparison YAML (base config, seeds, variants)")
+    p.add_argument("overrides", nargs="*", help="overrides applied to the base config of every variant")
+    p.add_argument("--seeds", help="comma-separated seeds, replacing the file's list")
+
+    p = sub.add_parser("quickstart", help="distil a CNN on digits with KD, FitNets, AT and RKD vs the student alone")
+    p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. train.epochs=5")
+    p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
+
+    p = sub.add_parser("inspect", help="list a model's hookable module names with their shapes")
+    p.add_argument("model", help="built-in name, timm:<name> or torchvision:<name>")
+    p.add_argument("--input-shape", help="per-sample input shape, e.g. 3,32,32 (default: the model's own)")
+    p.add_argument("--num-classes", type=int, help="classifier size (default 10; 1000 for timm/torchvision)")
+    p.add_argument("--depth", type=int, default=None, help="only show names with at most this many dots + 1")
+
+    p = sub.add_parser("list", help="list registered losses, adapters, models, datasets, ...")
+    p.add_argument("kind", nargs="?", choices=KINDS, help="one kind (default: all)")
+
+    p = sub.add_parser("config", help="print a config after merging bases and overrides, validated")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    return parser
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        from featkd.errors import ConfigError
+
+        raise ConfigError(f"--seeds {text!r}: give integers separated by commas, e.g. --seeds 0,1,2") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from featkd.config import load_config
+    from featkd.trainer import summary_lines, train
+
+    result = train(load_config(args.config, args.overrides))
+    print("\n".join(summary_lines(result)))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, file: str | None = None) -> int:
+    from featkd.compare import run_comparison
+
+    result = run_comparison(file or args.file, args.overrides, _seeds(args.seeds))
+    print()
+    print(result.markdown())
+    print(f"\n{len(result.rows)} runs in {result.seconds:.0f}s; results in {result.folder}/results.md (.csv, .json)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from featkd.capture import list_modules
+    from featkd.models import build_model, default_input_shape
+
+    external = ":" in args.model
+    shape = _shape(args.input_shape) if args.input_shape else default_input_shape(args.model)
+    classes = args.num_classes or (1000 if external else 10)
+    model = build_model(args.model, classes, shape)
+    rows = list_modules(model, torch.zeros((2, *shape)))
+    if args.depth is not None:
+        rows = [r for r in rows if r.name.count(".") < args.depth]
+    fmt = lambda s: "x".join(map(str, s[1:])) if s else "-"  # noqa: E731 (per-sample shape)
+    width = max([len(r.name) for r in rows] + [4])
+    type_width = max([len(r.type) for r in rows] + [4])
+    print(f"{args.model}: input {fmt((0, *shape))}, {classes} classes. Feature names: NAME (output), NAME:in (input).")
+    print(f"{'name':<{width}}  {'type':<{type_width}}  {'input':>14}  {'output':>14}  {'params':>10}")
+    for r in rows:
+        calls = f"  (runs {r.calls}x: use {r.name}@0..@{r.calls - 1})" if r.calls > 1 else ""
+        calls = "  (not run)" if r.calls == 0 else calls
+        print(f"{r.name:<{width}}  {r.type:<{type_width}}  {fmt(r.input_shape):>14}  {fmt(r.output_shape):>14}  {r.params:>10,}{calls}")
+    return 0
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        from featkd.errors import ConfigError
+
+        raise ConfigError(f"--input-shape {text!r}: give positive integers, e.g. 3,32,32")
+    return shape
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import featkd
+
+    registries = {
+        "losses": featkd.LOSSES, "adapters": featkd.ADAPTERS, "models": featkd.MODELS,
+        "datasets": featkd.DATASETS, "optimizers": featkd.OPTIMIZERS, "schedulers": featkd.SCHEDULERS,
+    }
+    for kind in [args.kind] if args.kind else KINDS:
+        registry = registries[kind]
+        names = registry.names()
+        print(f"{kind}:")
+        width = max(len(n) for n in names)
+        for name in names:
+            print(f"  {name:<{width}}  {registry.describe(name)}")
+        if kind == "models":
+            print(f"  {'timm:<name>':<{width}}  any timm model, built without downloading")
+            print(f"  {'torchvision:<name>':<{width}}  any torchvision classification model, built without downloading")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from featkd.config import dump_yaml, load_config
+
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    args = _parser().parse_args(argv)
+    from featkd.errors import FeatkdError
+
+    handlers = {
+        "train": cmd_train,
+        "compare": cmd_compare,
+        "quickstart": lambda a: cmd_compare(a, "quickstart_compare"),
+        "inspect": cmd_inspect,
+        "list": cmd_list,
+        "config": cmd_config,
+    }
+    try:
+        return handlers[args.command](args)
+    except FeatkdError as exc:
+        print(f"featkd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

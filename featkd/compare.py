@@ -1,0 +1,234 @@
+"""Comparisons: one base config, named variants, several seeds, one results table.
+
+A comparison file looks like
+
+    name: quickstart-compare
+    base: quickstart.yaml            # a run config, relative to this file
+    seeds: [0, 1, 2]
+    baseline: student alone          # the variant the others are compared with
+    variants:
+      student alone: {teacher: null, loss: {kd: null, ce: {weight: 1.0}}}
+      KD: {}                         # the base config as it is
+      AT: {loss: {at: {student: "layer*", teacher: "layer*"}}}
+
+Each variant is deep-merged over the base (after any command-line overrides), every variant
+is validated before the first run starts, and teachers are trained once and shared through
+the teacher cache. The table reports the last-epoch and the best-epoch top-1, each labelled,
+as mean and sample standard deviation over the seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from featkd.config import Config, apply_overrides, deep_merge, find_config, read_yaml, validate
+from featkd.errors import ConfigError
+from featkd.trainer import RunResult, train
+
+
+class ComparisonSpec(BaseModel):
+    """The contents of a comparison file."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "compare"
+    base: str
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    baseline: str | None = None
+    variants: dict[str, dict[str, Any]] = Field(min_length=1)
+
+
+@dataclass
+class RunRow:
+    """One finished run of a comparison."""
+
+    variant: str
+    seed: int
+    last_acc: float
+    best_acc: float
+    best_epoch: int
+    seconds: float
+    run_dir: str
+
+
+@dataclass
+class VariantSummary:
+    variant: str
+    last_mean: float
+    last_std: float
+    best_mean: float
+    best_std: float
+    seeds: int
+    delta_last: float | None
+
+
+@dataclass
+class ComparisonResult:
+    name: str
+    folder: Path
+    rows: list[RunRow]
+    summaries: list[VariantSummary]
+    teacher_acc: list[float]
+    teacher_models: list[str]
+    baseline: str | None
+    seconds: float
+
+    def markdown(self) -> str:
+        return results_markdown(self)
+
+
+def load_spec(path: str | Path) -> tuple[ComparisonSpec, Path]:
+    path = find_config(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path.name}: not valid YAML: {exc}") from None
+    try:
+        spec = ComparisonSpec.model_validate(data)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path.name}: invalid comparison file: {problems}") from None
+    if spec.baseline is not None and spec.baseline not in spec.variants:
+        raise ConfigError(f"{path.name}: baseline {spec.baseline!r} is not one of the variants {list(spec.variants)}.")
+    return spec, path
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-").lower() or "variant"
+
+
+def _has_parent(data: dict[str, Any], override: str) -> bool:
+    """Whether the mapping that `a.b.c=value` writes into exists in `data`."""
+    node: Any = data
+    for part in override.partition("=")[0].strip().split(".")[:-1]:
+        if not isinstance(node, dict) or node.get(part) is None:
+            return False
+        node = node[part]
+    return isinstance(node, (dict, str))  # a str is a shorthand section such as `logger: none`
+
+
+def plan(spec: ComparisonSpec, spec_path: Path, overrides: Sequence[str] = ()) -> dict[str, Config]:
+    """The validated config of each variant (seed not yet set).
+
+    Command-line overrides apply after each variant's changes, to every variant that has the
+    section they write into: `loss.kd.temperature=2` changes the variants that use KD and
+    leaves the ones that removed it alone; `train.epochs=5` changes all of them.
+    """
+    base = read_yaml(spec_path.parent / spec.base)
+    merged = {name: deep_merge(base, changes) for name, changes in spec.variants.items()}
+    for override in overrides:
+        if "=" in override and not any(_has_parent(data, override) for data in merged.values()):
+            raise ConfigError(f"override {override!r} matches no variant: none of them has that section.")
+    configs = {}
+    for name, data in merged.items():
+        try:
+            configs[name] = validate(apply_overrides(data, [o for o in overrides if "=" not in o or _has_parent(data, o)]))
+        except ConfigError as exc:
+            raise ConfigError(f"variant {name!r}: {exc}") from None
+    return configs
+
+
+def run_comparison(path: str | Path, overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
+                   progress: bool = True) -> ComparisonResult:
+    """Run every variant for every seed; write results.md / .csv / .json; return the table."""
+    spec, spec_path = load_spec(path)
+    configs = plan(spec, spec_path, overrides)
+    seeds = list(seeds) if seeds is not None else spec.seeds
+    first = next(iter(configs.values()))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = Path(first.output_dir) / f"{slug(spec.name)}-{stamp}"
+    folder.mkdir(parents=True, exist_ok=False)
+    total = len(configs) * len(seeds)
+    rows: list[RunRow] = []
+    teacher_acc: list[float] = []
+    teacher_models: list[str] = []
+    start = time.perf_counter()
+    for seed in seeds:  # seed-major, so a partial run still covers every variant
+        for name, config in configs.items():
+            run_config = config.model_copy(update={
+                "seed": seed,
+                "name": slug(name),
+                "progress": progress and config.progress,
+                "logger": config.logger.model_copy(update={
+                    "group": config.logger.group or folder.name,
+                    "tags": [*config.logger.tags, f"variant:{name}", f"seed:{seed}"],
+                }),
+            })
+            run_dir = folder / f"{slug(name)}-seed{seed}"
+            result: RunResult = train(run_config, run_dir)
+            if result.teacher_acc and not teacher_acc:
+                teacher_acc = result.teacher_acc
+                teacher_models = [t.model for t in config.teacher or []]
+            s = result.student
+            rows.append(RunRow(name, seed, s.last_acc, s.best_acc, s.best_epoch, s.seconds, str(run_dir)))
+            if progress:
+                print(f"[{len(rows)}/{total}] {name} seed {seed}: top-1 last {s.last_acc:.2f}% "
+                      f"best {s.best_acc:.2f}% ({s.seconds:.1f}s)", flush=True)
+    outcome = ComparisonResult(spec.name, folder, rows, summarize(rows, list(configs), spec.baseline),
+                               teacher_acc, teacher_models, spec.baseline, time.perf_counter() - start)
+    write_results(outcome)
+    return outcome
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(rows: list[RunRow], order: list[str], baseline: str | None) -> list[VariantSummary]:
+    by_variant = {name: [r for r in rows if r.variant == name] for name in order}
+    base_last = _mean_std([r.last_acc for r in by_variant[baseline]])[0] if baseline and by_variant.get(baseline) else None
+    out = []
+    for name, runs in by_variant.items():
+        if not runs:
+            continue
+        last = _mean_std([r.last_acc for r in runs])
+        best = _mean_std([r.best_acc for r in runs])
+        delta = None if base_last is None or name == baseline else last[0] - base_last
+        out.append(VariantSummary(name, *last, *best, len(runs), delta))
+    return out
+
+
+def results_markdown(result: ComparisonResult) -> str:
+    seeds = sorted({r.seed for r in result.rows})
+    lines = []
+    for model, acc in zip(result.teacher_models, result.teacher_acc):
+        lines.append(f"Teacher {model}: top-1 {acc:.2f}% (last epoch).")
+    lines += [
+        f"Student top-1 on the test set, mean ± std over seeds {', '.join(map(str, seeds))}. "
+        "*last* = after the final epoch; *best* = best epoch (selected on the test set, so optimistic).",
+        "",
+        "| method | top-1 last | top-1 best | Δ last vs " + (result.baseline or "baseline") + " |",
+        "|---|---|---|---|",
+    ]
+    for s in result.summaries:
+        delta = "—" if s.delta_last is None else f"{s.delta_last:+.2f}"
+        lines.append(f"| {s.variant} | {s.last_mean:.2f} ± {s.last_std:.2f} | {s.best_mean:.2f} ± {s.best_std:.2f} | {delta} |")
+    return "\n".join(lines)
+
+
+def write_results(result: ComparisonResult) -> None:
+    (result.folder / "results.md").write_text(results_markdown(result) + "\n")
+    with (result.folder / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(result.rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in result.rows)
+    (result.folder / "results.json").write_text(json.dumps({
+        "name": result.name,
+        "baseline": result.baseline,
+        "teacher_acc": result.teacher_acc,
+        "summaries": [asdict(s) for s in result.summaries],
+        "runs": [asdict(r) for r in result.rows],
+        "seconds": result.seconds,
+    }, indent=2) + "\n")

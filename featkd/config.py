@@ -1,0 +1,399 @@
+"""Experiment configs: YAML files, composition, dotted overrides and strict validation.
+
+    cfg = load_config("configs/quickstart.yaml", ["loss.kd.temperature=2", "logger=none"])
+
+A file may name a `base:` file (or a list of them), resolved relative to itself; the file's
+own keys are deep-merged over the base. Overrides `a.b.c=value` parse `value` as YAML and
+create missing mappings. `null` removes a loss term (`loss.kd=null`).
+
+Validation is strict: an unknown key, a wrong type, an unknown registry name or an argument a
+loss/model/optimizer does not take raises `ConfigError` naming the key and what is allowed.
+YAML is read with `yaml.safe_load`, so a config never executes code.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+
+from featkd.errors import ConfigError, FeatkdError, did_you_mean
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _shorthand(key: str):
+    """Accept a bare string for a section: `logger: none` means `logger: {name: none}`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def expand(cls, value: Any) -> Any:
+        return {key: value} if isinstance(value, str) else value
+
+    return expand
+
+
+class OptimizerConfig(BaseModel):
+    """`name` from `featkd list optimizers`; other keys are that optimizer's arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "sgd"
+    _expand = _shorthand("name")
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SchedulerConfig(BaseModel):
+    """`name` from `featkd list schedulers`; other keys are that schedule's arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "cosine"
+    _expand = _shorthand("name")
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(_Strict):
+    """How one model is trained: epochs, optimizer, schedule, clipping."""
+
+    epochs: PositiveInt = 30
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    grad_clip: float | None = Field(default=None, gt=0)
+
+
+class ModelConfig(_Strict):
+    """A model by registry name (`featkd list models`, `timm:<name>`, `torchvision:<name>`)."""
+
+    model: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    pretrained: str | None = None
+    _expand = _shorthand("model")
+
+
+class TeacherConfig(ModelConfig):
+    """A teacher: loaded from `checkpoint`, or trained first with `train` and `seed`."""
+
+    checkpoint: str | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    seed: int = 0
+    cache: bool = True
+
+
+class TermConfig(BaseModel):
+    """One loss term; the key in `loss:` names it, `type` picks the loss (default: the key).
+    Keys other than the ones below are the loss's hyper-parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str | None = None
+    weight: float | None = None
+    student: str | list[str] | None = None
+    teacher: str | list[str] | None = None
+    adapter: str | None = None
+    teacher_index: NonNegativeInt = 0
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def adapter_given(self) -> bool:
+        return "adapter" in self.model_fields_set
+
+
+class DataConfig(_Strict):
+    """A dataset by registry name (`featkd list datasets`) with its arguments."""
+
+    name: str = "digits"
+    args: dict[str, Any] = Field(default_factory=dict)
+    batch_size: PositiveInt = 64
+    eval_batch_size: PositiveInt = 512
+    num_workers: NonNegativeInt = 0
+    _expand = _shorthand("name")
+
+
+class LoggerConfig(_Strict):
+    """Weights & Biases settings (offline by default: no account or network needed)."""
+
+    name: Literal["wandb", "none"] = "wandb"
+    project: str = "featkd"
+    entity: str | None = None
+    group: str | None = None
+    job_type: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    _expand = _shorthand("name")
+
+
+class Config(_Strict):
+    """One experiment."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "runs"
+    plugins: list[str] = Field(default_factory=list)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: list[TeacherConfig] | None = None
+    student: ModelConfig
+    loss: dict[str, TermConfig | None] = Field(default_factory=lambda: {"ce": TermConfig()})
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    logger: LoggerConfig = Field(default_factory=LoggerConfig)
+    progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_list(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("teacher"), (str, dict)):
+            value = {**value, "teacher": [value["teacher"]]}
+        return value
+
+    @property
+    def terms(self) -> dict[str, TermConfig]:
+        """Loss terms, without the ones removed with null."""
+        return {k: v for k, v in self.loss.items() if v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (what is saved as config.yaml and sent to W&B)."""
+        return self.model_dump(mode="json")
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
+def deep_merge(base: dict, top: Mapping) -> dict:
+    """`top` over `base`, recursively for mappings; lists and scalars are replaced."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(dict(out[key]), value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def find_config(path: str | Path) -> Path:
+    """A config path, or the name of a config shipped with featkd (`quickstart`)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix else path.name + ".yaml"
+    packaged = resources.files("featkd.configs").joinpath(name)
+    if packaged.is_file() and (len(path.parts) == 1 or path.parent.name == "configs"):
+        return Path(str(packaged))
+    shipped = sorted(p.name for p in resources.files("featkd.configs").iterdir() if p.name.endswith(".yaml"))
+    raise ConfigError(f"config file {str(path)!r} not found. Configs shipped with featkd: {', '.join(shipped)}.")
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config with its `base:` files merged in."""
+    path = find_config(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config {str(path)!r} is its own base (a cycle of base: files).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path.name}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: a config is a mapping of keys, got {type(data).__name__}.")
+    bases = data.pop("base", None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, read_yaml(path.parent / base, (*_seen, path)))
+    return deep_merge(merged, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; `value` is parsed as YAML."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. loss.kd.temperature=2).")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                node = node[_list_index(part, node, where)]
+                continue
+            if node.get(part) is None:
+                node[part] = {}
+            elif isinstance(node[part], str):  # shorthand such as `logger: none`
+                node[part] = {_SHORTHAND_KEYS.get(parts[depth], "name"): node[part]}
+            elif not isinstance(node[part], (dict, list)):
+                raise ConfigError(f"override {item!r}: {where} is {node[part]!r}, not a mapping.")
+            node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(last, node, key)] = value
+        else:
+            node[last] = value
+    return data
+
+
+_SHORTHAND_KEYS = {"student": "model", "teacher": "model"}
+
+
+def _list_index(part: str, node: list, where: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(f"{where}: {part!r} is not an index of a list of {len(node)}.")
+    return int(part)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), data: dict | None = None) -> Config:
+    """Load, merge, override and validate a config (a file path, or `data` directly)."""
+    raw = read_yaml(path) if path is not None else copy.deepcopy(data or {})
+    return validate(apply_overrides(raw, overrides))
+
+
+def validate(data: dict[str, Any]) -> Config:
+    """Structure and types (pydantic), then registry names and arguments."""
+    try:
+        config = Config.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+    check_semantics(config)
+    return config
+
+
+def check_semantics(config: Config) -> None:
+    """Names that must exist in registries, and arguments their constructors must accept."""
+    from featkd.adapters import ADAPTERS
+    from featkd.data import DATASETS
+    from featkd.losses import LOSSES
+    from featkd.models import check_model_name
+    from featkd.registry import check_arguments, import_plugins
+
+    import_plugins(config.plugins)
+
+    def named(key: str, fn) -> Any:
+        try:
+            return fn()
+        except FeatkdError as exc:
+            message = str(exc)
+            raise ConfigError(message if message.startswith(key) else f"{key}: {message}") from None
+
+    named("data.name", lambda: DATASETS.check_arguments(config.data.name, config.data.args, "data.args"))
+    named("student.model", lambda: check_model_name(config.student.model, config.student.args, "student.args"))
+    for i, teacher in enumerate(config.teacher or []):
+        key = "teacher" if len(config.teacher or []) == 1 else f"teacher.{i}"
+        named(f"{key}.model", lambda t=teacher, k=key: check_model_name(t.model, t.args, f"{k}.args"))
+        _check_training(named, f"{key}.train", teacher.train)
+    _check_training(named, "train", config.train)
+    terms = config.terms
+    if not terms:
+        raise ConfigError("loss: no terms left; keep at least one, e.g. loss.ce.weight=1.")
+    for name, term in terms.items():
+        key = f"loss.{name}"
+        loss_name = term.type or name
+        cls = named(f"{key}.type" if term.type else key, lambda n=loss_name: LOSSES.get(n))
+        named(key, lambda c=cls, t=term, k=key: check_arguments(c, t.params, k))
+        if term.adapter is not None:
+            named(f"{key}.adapter", lambda t=term: ADAPTERS.get(t.adapter))
+        if cls.needs_teacher and not config.teacher:
+            raise ConfigError(f"{key}: {loss_name!r} needs a teacher; set `teacher:` or remove it with {key}=null.")
+        if cls.consumes == "features" and not (term.student and term.teacher):
+            raise ConfigError(
+                f"{key}: {loss_name!r} compares features; set {key}.student and {key}.teacher to "
+                "module names (`featkd inspect MODEL` lists them)."
+            )
+        if config.teacher and term.teacher_index >= len(config.teacher):
+            raise ConfigError(f"{key}.teacher_index: {term.teacher_index} but there are {len(config.teacher)} teacher(s).")
+    if not (config.device in ("auto", "cpu", "cuda", "mps") or config.device.startswith("cuda:")):
+        raise ConfigError(f"device: {config.device!r}; use auto, cpu, cuda, cuda:N or mps.")
+
+
+def _check_training(named, key: str, train: TrainConfig) -> None:
+    from featkd.optim import OPTIMIZERS, SCHEDULERS
+
+    named(f"{key}.optimizer", lambda: OPTIMIZERS.check_arguments(
+        train.optimizer.name, train.optimizer.args, f"{key}.optimizer", injected=["params"]))
+    named(f"{key}.scheduler", lambda: SCHEDULERS.check_arguments(
+        train.scheduler.name, train.scheduler.args, f"{key}.scheduler",
+        injected=["optimizer", "steps_per_epoch", "epochs"]))
+
+
+# -- error messages ----------------------------------------------------------------------
+
+
+def _format_errors(exc: pydantic.ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(p) for p in error["loc"]]
+        key = ".".join(loc) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(error["loc"][:-1])
+            lines.append(
+                f"{key}: unknown key.{did_you_mean(loc[-1], allowed)}"
+                + (f" Allowed here: {', '.join(allowed)}." if allowed else "")
+            )
+        elif error["type"] == "missing":
+            lines.append(f"{key}: required, but missing.")
+        else:
+            lines.append(f"{key}: {error['msg']} (got {error.get('input')!r}).")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(loc: Sequence[Any]) -> list[str]:
+    """Field names of the config section at `loc` (list indices and dict keys skipped)."""
+    node: Any = Config
+    skip = False
+    for part in loc:
+        if skip or isinstance(part, int):
+            skip = False
+            continue
+        if not (isinstance(node, type) and issubclass(node, BaseModel)) or str(part) not in node.model_fields:
+            return []
+        node, skip = _element_type(node.model_fields[str(part)].annotation)
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def _element_type(tp: Any) -> tuple[Any, bool]:
+    """Strip Optional and list[...]; for dict[str, X] return X and say a key comes next."""
+    keyed = False
+    while True:
+        origin = typing.get_origin(tp)
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if origin in (typing.Union, types.UnionType) and len(args) == 1:
+            tp = args[0]
+        elif origin in (list, tuple) and args:
+            tp = args[0]
+        elif origin is dict and len(args) == 2:
+            tp, keyed = args[1], True
+        else:
+            return tp, keyed
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (the form W&B shows best)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

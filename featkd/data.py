@@ -1,0 +1,216 @@
+"""Dataset registry: the embedded digits default, mnist1d, synthetic data, CIFAR from disk.
+
+A dataset builder returns a `DataBundle` (train and test sets, number of classes, per-sample
+input shape). Nothing here downloads: digits ships inside scikit-learn, mnist1d is generated
+procedurally, and CIFAR is read from a folder the user provides.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from featkd.errors import DataError
+from featkd.registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+
+
+@dataclass
+class DataBundle:
+    """What a dataset builder returns."""
+
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+    class_names: list[str] = field(default_factory=list)
+
+
+class ArrayDataset(Dataset):
+    """In-memory inputs and labels with an optional per-sample augmentation."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if len(inputs) != len(targets):
+            raise DataError(f"{len(inputs)} inputs but {len(targets)} labels")
+        self.inputs = inputs
+        self.targets = targets
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.inputs[index]
+        if self.augment is not None:
+            x = self.augment(x)
+        return x, self.targets[index]
+
+
+class RandomShift:
+    """Translate an image (C, H, W) or signal (C, L) by up to `max_shift` positions, zero-filled."""
+
+    def __init__(self, max_shift: int = 1) -> None:
+        self.max_shift = max_shift
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.max_shift
+        shifts = torch.randint(-m, m + 1, (x.dim() - 1,)).tolist()
+        out = torch.zeros_like(x)
+        src = [slice(None)]
+        dst = [slice(None)]
+        for s, size in zip(shifts, x.shape[1:]):
+            src.append(slice(max(0, -s), size - max(0, s)))
+            dst.append(slice(max(0, s), size - max(0, -s)))
+        out[tuple(dst)] = x[tuple(src)]
+        return out
+
+
+def _standardize(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
+    mean, std = train.mean(), train.std() + 1e-8
+    return [torch.from_numpy(((a - mean) / std).astype(np.float32)) for a in (train, *others)]
+
+
+def _subset(x: np.ndarray, y: np.ndarray, fraction: float, exclude: Sequence[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training subset: drop excluded classes, then keep a stratified `fraction` of the rest."""
+    keep = ~np.isin(y, list(exclude)) if exclude else np.ones(len(y), dtype=bool)
+    x, y = x[keep], y[keep]
+    if fraction < 1.0:
+        from sklearn.model_selection import train_test_split
+
+        x, _, y, _ = train_test_split(x, y, train_size=fraction, stratify=y, random_state=seed)
+    return x, y
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0 < fraction <= 1:
+        raise DataError(f"train_fraction must be in (0, 1], got {fraction}.")
+
+
+@DATASETS.register("digits")
+def digits(augment: bool = True, test_fraction: float = 0.2, train_fraction: float = 1.0,
+           exclude_classes: tuple[int, ...] = (), split_seed: int = 0) -> DataBundle:
+    """scikit-learn's handwritten digits (1,797 real 8x8 images, 10 classes), shipped with the package.
+
+    A fixed stratified split (test_fraction, split_seed) gives 1,437 train / 360 test images;
+    augmentation shifts images by up to one pixel. `train_fraction` and `exclude_classes`
+    shrink the training set only (the test set stays whole).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    _check_fraction(train_fraction)
+    data = load_digits()
+    x = (data.images / 16.0).astype(np.float32)[:, None]
+    y = data.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=split_seed)
+    x_tr, y_tr = _subset(x_tr, y_tr, train_fraction, exclude_classes, split_seed)
+    x_tr, x_te = _standardize(x_tr, x_te)
+    return DataBundle(
+        ArrayDataset(x_tr, torch.from_numpy(y_tr), RandomShift(1) if augment else None),
+        ArrayDataset(x_te, torch.from_numpy(y_te)),
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        class_names=[str(i) for i in range(10)],
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d_arrays(num_samples: int, seed: int) -> tuple[np.ndarray, ...]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = num_samples, seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:  # mnist1d reseeds the global generators; leave the caller's state untouched
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return data["x"], data["y"], data["x_test"], data["y_test"]
+
+
+@DATASETS.register("mnist1d")
+def mnist1d(num_samples: int = 5000, seed: int = 42, augment: bool = False,
+            train_fraction: float = 1.0, exclude_classes: tuple[int, ...] = ()) -> DataBundle:
+    """MNIST-1D (Greydanus 2020): 1-D signals of length 40, 10 classes, generated procedurally.
+
+    Defaults give the standard 4,000 train / 1,000 test split. Input shape (1, 40).
+    """
+    _check_fraction(train_fraction)
+    x_tr, y_tr, x_te, y_te = _mnist1d_arrays(num_samples, seed)
+    x_tr, y_tr = _subset(x_tr, y_tr.astype(np.int64), train_fraction, exclude_classes, seed)
+    x_tr, x_te = _standardize(x_tr[:, None], x_te[:, None])
+    return DataBundle(
+        ArrayDataset(x_tr, torch.from_numpy(y_tr), RandomShift(2) if augment else None),
+        ArrayDataset(x_te, torch.from_numpy(y_te.astype(np.int64))),
+        num_classes=10,
+        input_shape=(1, 40),
+        class_names=[str(i) for i in range(10)],
+    )
+
+
+@DATASETS.register("synthetic")
+def synthetic(num_classes: int = 4, input_shape: tuple[int, ...] = (3, 8, 8), train_size: int = 256,
+              test_size: int = 128, noise: float = 1.0, seed: int = 0) -> DataBundle:
+    """Random class templates plus Gaussian noise: tiny, learnable data for tests and smoke runs."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn((num_classes, *input_shape), generator=g)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % num_classes
+        y = y[torch.randperm(n, generator=g)]
+        return templates[y] + noise * torch.randn((n, *input_shape), generator=g), y
+
+    return DataBundle(
+        ArrayDataset(*sample(train_size)),
+        ArrayDataset(*sample(test_size)),
+        num_classes=num_classes,
+        input_shape=tuple(input_shape),
+    )
+
+
+def _cifar(kind: str, root: str, augment: bool) -> DataBundle:
+    import torchvision
+    from torchvision import transforms as T
+
+    cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
+    folder = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
+    if not (Path(root) / folder).is_dir():
+        raise DataError(
+            f"{kind}: no {folder!r} folder under {str(root)!r}. featkd does not download data: fetch "
+            f"the python version of {kind.upper()} (e.g. torchvision.datasets.{cls.__name__}(root, "
+            f"download=True) on a machine with internet), unpack it there, and set data.args.root."
+        )
+    mean, std = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)) if kind == "cifar10" else (
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []) + normalize)
+    train = cls(root, train=True, download=False, transform=train_tf)
+    test = cls(root, train=False, download=False, transform=T.Compose(normalize))
+    return DataBundle(train, test, num_classes=len(train.classes), input_shape=(3, 32, 32), class_names=list(train.classes))
+
+
+@DATASETS.register("cifar10")
+def cifar10(root: str = "data", augment: bool = True) -> DataBundle:
+    """CIFAR-10 from a local folder (random crop with 4-pixel padding and horizontal flips)."""
+    return _cifar("cifar10", root, augment)
+
+
+@DATASETS.register("cifar100")
+def cifar100(root: str = "data", augment: bool = True) -> DataBundle:
+    """CIFAR-100 from a local folder (the distillation benchmark's augmentation)."""
+    return _cifar("cifar100", root, augment)
+
+
+def build_data(name: str, args: dict | None = None) -> DataBundle:
+    """Build a dataset by registry name with arguments checked against its builder."""
+    return DATASETS.build(name, **(args or {}))

@@ -1,0 +1,132 @@
+"""Loggers: metrics.jsonl in the run folder (always) and Weights & Biases (offline by default).
+
+Only rank 0 logs. A W&B run gets the flat resolved config, and project, group, job type and
+tags from the config, so a dashboard can group the stages and seeds of one experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from featkd.runtime import rank
+
+
+class Logger(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def summary(self, values: dict[str, Any]) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NullLogger:
+    """Logs nothing (other ranks, or `logger=none` without a run folder)."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class JsonlLogger:
+    """One JSON object per log call in `metrics.jsonl`; the summary in `summary.json`."""
+
+    def __init__(self, run_dir: Path, stage: str) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.summary_path = run_dir / "summary.json"
+        self.stage = stage
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        record = {"stage": self.stage, "step": step, "time": round(time.time(), 3), **_plain(metrics)}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def summary(self, values: dict[str, Any]) -> None:
+        existing = json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
+        existing[self.stage] = _plain(values)
+        self.summary_path.write_text(json.dumps(existing, indent=2) + "\n")
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger:
+    """A W&B run; `mode="offline"` writes it under the run folder for `wandb sync` later."""
+
+    def __init__(self, run_dir: Path, name: str, config: dict[str, Any], *, project: str, entity: str | None,
+                 group: str | None, job_type: str | None, tags: list[str], mode: str) -> None:
+        import wandb
+
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            group=group,
+            job_type=job_type,
+            tags=tags or None,
+            name=name,
+            config=config,
+            dir=str(run_dir),
+            mode=mode,
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False),
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self.run.summary[key] = value
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+class MultiLogger:
+    """Send every call to several loggers."""
+
+    def __init__(self, *loggers: Logger) -> None:
+        self.loggers = loggers
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.summary(values)
+
+    def finish(self) -> None:
+        for logger in self.loggers:
+            logger.finish()
+
+
+def make_logger(settings: Any, run_dir: Path, stage: str, name: str, flat_config: dict[str, Any]) -> Logger:
+    """The loggers for one stage of a run, from the config's `logger:` section."""
+    if rank() != 0:
+        return NullLogger()
+    loggers: list[Logger] = [JsonlLogger(run_dir, stage)]
+    if settings.name == "wandb" and settings.mode != "disabled":
+        loggers.append(WandbLogger(
+            run_dir, name, flat_config, project=settings.project, entity=settings.entity,
+            group=settings.group, job_type=settings.job_type or stage, tags=list(settings.tags),
+            mode=settings.mode,
+        ))
+    return MultiLogger(*loggers)
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = str(value)
+        out[key] = value
+    return out

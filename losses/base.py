@@ -1,0 +1,76 @@
+"""The contract every loss term follows (see featkd.Distiller for how terms are wired).
+
+A loss is an `nn.Module` registered in `featkd.losses.LOSSES`. It declares what it consumes:
+
+- `consumes = "logits"`: `forward(student_logits, teacher_logits, targets)`, where
+  `teacher_logits` is one tensor, or a tuple of tensors for a teacher ensemble;
+- `consumes = "features"`: `forward(student, teacher)` with one (adapted) student feature
+  and the teacher feature it is matched with, called once per matched pair; a loss with
+  `pairwise = False` gets the lists of all pairs at once instead.
+
+It returns a scalar tensor, or a dict of named scalar parts (logged separately, summed into
+the term). The term's weight is applied once, by the Distiller, never inside the loss.
+Hyper-parameters are typed constructor arguments with the literature's defaults, learnable
+state lives in registered parameters or buffers, and the docstring cites the paper and gives
+the formula.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from featkd.registry import Registry
+
+LOSSES: Registry = Registry("loss")
+
+Shape = tuple[int, ...]
+TeacherLogits = torch.Tensor | Sequence[torch.Tensor]
+
+
+class DistillLoss(nn.Module):
+    """Base class of loss terms; subclasses set the class attributes below."""
+
+    consumes: ClassVar[Literal["logits", "features"]] = "logits"
+    #: False for losses that only read the student and labels (cross-entropy).
+    needs_teacher: ClassVar[bool] = True
+    #: Reads the labels of the batch.
+    needs_targets: ClassVar[bool] = False
+    #: Term weight when the config or Term gives none (the literature's value).
+    default_weight: ClassVar[float] = 1.0
+    #: Adapter used for the student side when the Term gives none (feature losses).
+    default_adapter: ClassVar[str | None] = None
+    #: Feature losses: called per (student, teacher) pair, or once with all pairs.
+    pairwise: ClassVar[bool] = True
+
+    def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
+        """Called once with the probed per-sample shapes of the (adapted) student features
+        and the teacher features, before training; build shape-dependent state here."""
+
+
+def as_ensemble(teacher_logits: TeacherLogits) -> list[torch.Tensor]:
+    """One teacher's logits or an ensemble's, as a list."""
+    if isinstance(teacher_logits, torch.Tensor):
+        return [teacher_logits]
+    return list(teacher_logits)
+
+
+def ensemble_log_probs(teacher_logits: TeacherLogits, temperature: float) -> torch.Tensor:
+    """log of the mean of the teachers' softened probabilities, computed stably.
+
+    log (1/K) sum_k softmax(t_k / T) = logsumexp_k log_softmax(t_k / T) - log K
+    """
+    logs = [torch.log_softmax(t.float() / temperature, dim=1) for t in as_ensemble(teacher_logits)]
+    if len(logs) == 1:
+        return logs[0]
+    return torch.logsumexp(torch.stack(logs), dim=0) - math.log(len(logs))
+
+
+def ensemble_mean_logits(teacher_logits: TeacherLogits) -> torch.Tensor:
+    """Mean of the teachers' raw logits (for losses defined on logits, not probabilities)."""
+    logits = as_ensemble(teacher_logits)
+    return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
