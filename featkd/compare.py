@@ -167,7 +167,7 @@ def run_comparison(path: str | Path, overrides: Sequence[str] = (), seeds: Seque
                 }),
             })
             run_dir = folder / f"{slug(name)}-seed{seed}"
-            result: RunResult = train(run_config, run_dir)
+            result: RunResult = train(run_config, run_dir, verbose=False)
             if result.teacher_acc and not teacher_acc:
                 teacher_acc = result.teacher_acc
                 teacher_models = [t.model for t in config.teacher or []]

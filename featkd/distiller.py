@@ -255,6 +255,11 @@ class Distiller(nn.Module):
                             f"term {term.name!r}: adapter {term.adapter!r} maps student {pair.student!r} to "
                             f"{s_shape}, but teacher {pair.teacher!r} is {t_shape}."
                         )
+                if term.module.needs_same_shape and s_shape != t_shape:
+                    raise AdapterError(
+                        f"term {term.name!r} compares {pair.student!r} {s_shape} with {pair.teacher!r} "
+                        f"{t_shape} element by element; set adapter: auto (or another adapter) for it."
+                    )
                 adapted.append(s_shape)
                 targets.append(t_shape)
             if term.adapter is not None:

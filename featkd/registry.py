@@ -62,8 +62,9 @@ def first_line(obj: object) -> str:
 class Registry(Generic[T]):
     """Name -> object (usually a class or factory function), with helpful errors."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, plural: str | None = None) -> None:
         self.kind = kind
+        self.plural = plural or kind + "s"
         self._entries: dict[str, T] = {}
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
@@ -97,8 +98,8 @@ class Registry(Generic[T]):
         if name not in self._entries:
             raise RegistryError(
                 f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)} "
-                f"Known {self.kind}s: {', '.join(sorted(self._entries)) or '(none)'}. "
-                f"Run `featkd list {self.kind}s` to see them with descriptions."
+                f"Known {self.plural}: {', '.join(sorted(self._entries)) or '(none)'}. "
+                f"Run `featkd list {self.plural}` to see them with descriptions."
             )
         return self._entries[name]
 

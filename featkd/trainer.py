@@ -145,10 +145,12 @@ def fit(
     checkpoints: dict[str, Path] | None = None,
     extra_state: dict[str, Any] | None = None,
     progress: bool = True,
+    epoch_lines: bool = False,
 ) -> StageResult:
     """Train `distiller.parameters()` for `train_cfg.epochs`, evaluating the student each epoch.
 
-    `checkpoints` maps "last"/"best" to paths written atomically after each epoch.
+    `checkpoints` maps "last"/"best" to paths written atomically after each epoch. Progress is
+    a live bar on a terminal; `epoch_lines` prints one line per epoch where there is none (logs).
     """
     steps_per_epoch = len(train_loader)
     optimizer, scheduler = make_optimizer(train_cfg, distiller.parameters(), steps_per_epoch)
@@ -156,8 +158,9 @@ def fit(
     best_acc, best_epoch, last_acc = -1.0, 0, 0.0
     step = 0
     start = time.perf_counter()
-    bar = tqdm(total=train_cfg.epochs * steps_per_epoch, desc=stage, unit="step", disable=not progress,
-               leave=False, dynamic_ncols=True, mininterval=0.2 if sys.stderr.isatty() else 10.0)
+    live = progress and sys.stderr.isatty()
+    bar = tqdm(total=train_cfg.epochs * steps_per_epoch, desc=stage, unit="step", disable=not live,
+               leave=False, dynamic_ncols=True)
     try:
         for epoch in range(1, train_cfg.epochs + 1):
             distiller.train()
@@ -175,7 +178,7 @@ def fit(
                 step += 1
                 _accumulate(sums, out)
                 bar.update(1)
-                if progress and (batch_index % 10 == 0 or batch_index == steps_per_epoch - 1):
+                if live and (batch_index % 10 == 0 or batch_index == steps_per_epoch - 1):
                     bar.set_postfix_str(
                         f"epoch {epoch}/{train_cfg.epochs} "
                         + " ".join(f"{k.removeprefix('loss/')} {v.item() / (batch_index + 1):.3g}"
@@ -199,6 +202,11 @@ def fit(
                 "time/epoch_s": time.perf_counter() - epoch_start,
             })
             logger.log(metrics, step)
+            if progress and epoch_lines and not live:
+                terms = " ".join(f"{k.removeprefix('train/loss/')} {v:.3g}" for k, v in metrics.items()
+                                 if k.startswith("train/loss/"))
+                print(f"{stage} epoch {epoch}/{train_cfg.epochs}: loss {metrics['train/loss']:.3g} ({terms}) "
+                      f"top-1 {last_acc:.2f}% (best {best_acc:.2f}%)", flush=True)
             if checkpoints:
                 state = {
                     **(extra_state or {}),
@@ -279,7 +287,7 @@ def load_teacher(spec: TeacherConfig, bundle: DataBundle, path: str | Path) -> n
 
 
 def prepare_teacher(
-    config: Config, index: int, bundle: DataBundle, device: torch.device, run_dir: Path, progress: bool
+    config: Config, index: int, bundle: DataBundle, device: torch.device, run_dir: Path, verbose: bool = True
 ) -> tuple[nn.Module, float]:
     """Load teacher `index` from its checkpoint, the cache, or train it now; return it and its accuracy."""
     spec = (config.teacher or [])[index]
@@ -291,7 +299,7 @@ def prepare_teacher(
     if spec.cache and cache.is_file():
         model = load_teacher(spec, bundle, cache).to(device)
         acc = evaluate(model, test_loader, device)["acc"]
-        _say(progress, f"teacher {index}: {spec.model} from cache {cache} (top-1 {acc:.2f}%)")
+        _say(config.progress and verbose, f"teacher {index}: {spec.model} from cache {cache} (top-1 {acc:.2f}%)")
         return model, acc
     seed_everything(spec.seed + index)
     train_loader, test_loader = make_loaders(bundle, config, spec.seed + index)
@@ -300,7 +308,8 @@ def prepare_teacher(
     logger = _stage_logger(config, run_dir, stage)
     with Distiller(None, model, [Term("ce")]) as trainer:
         try:
-            result = fit(trainer, train_loader, test_loader, spec.train, device, logger, stage, progress=progress)
+            result = fit(trainer, train_loader, test_loader, spec.train, device, logger, stage,
+                         progress=config.progress, epoch_lines=verbose)
             logger.summary({"best_acc": result.best_acc, "last_acc": result.last_acc, "params": count_parameters(model)})
         finally:
             logger.finish()
@@ -309,7 +318,7 @@ def prepare_teacher(
     save_checkpoint(run_dir / "checkpoints" / f"{stage}.pt", payload)
     if spec.cache:
         save_checkpoint(cache, payload)
-    _say(progress, f"{stage}: {spec.model} trained, top-1 last {result.last_acc:.2f}% (best {result.best_acc:.2f}%)")
+    _say(config.progress, f"{stage}: {spec.model} trained, top-1 last {result.last_acc:.2f}% (best {result.best_acc:.2f}%)")
     return model, result.last_acc
 
 
@@ -323,18 +332,21 @@ def _say(progress: bool, message: str) -> None:
         tqdm.write(message)
 
 
-def train(config: Config, run_dir: Path | None = None) -> RunResult:
-    """Run one experiment from a validated config; return accuracies and the run folder."""
+def train(config: Config, run_dir: Path | None = None, verbose: bool = True) -> RunResult:
+    """Run one experiment from a validated config; return accuracies and the run folder.
+
+    With `config.progress`, a terminal shows live bars; `verbose` adds per-epoch lines where
+    there is no terminal, and notes such as a teacher taken from the cache.
+    """
     device = resolve_device(config.device)
     run_dir = Path(run_dir) if run_dir else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(config))
-    progress = config.progress
     bundle = build_data(config.data.name, config.data.args)
 
     teachers, teacher_acc = [], []
     for index in range(len(config.teacher or [])):
-        model, acc = prepare_teacher(config, index, bundle, device, run_dir, progress)
+        model, acc = prepare_teacher(config, index, bundle, device, run_dir, verbose)
         teachers.append(model)
         teacher_acc.append(acc)
 
@@ -349,7 +361,7 @@ def train(config: Config, run_dir: Path | None = None) -> RunResult:
     try:
         with distiller:
             result = fit(distiller, train_loader, test_loader, config.train, device, logger,
-                         "distill" if teachers else "student", checkpoints, record, progress)
+                         "distill" if teachers else "student", checkpoints, record, config.progress, verbose)
         agreement = None
         if teachers:
             student_pred = evaluate(student, test_loader, device)["predictions"]

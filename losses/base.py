@@ -10,6 +10,7 @@ A loss is an `nn.Module` registered in `featkd.losses.LOSSES`. It declares what 
 
 It returns a scalar tensor, or a dict of named scalar parts (logged separately, summed into
 the term). The term's weight is applied once, by the Distiller, never inside the loss.
+Teacher inputs are detached, so no gradient reaches a teacher through a loss.
 Hyper-parameters are typed constructor arguments with the literature's defaults, learnable
 state lives in registered parameters or buffers, and the docstring cites the paper and gives
 the formula.
@@ -26,7 +27,7 @@ from torch import nn
 
 from featkd.registry import Registry
 
-LOSSES: Registry = Registry("loss")
+LOSSES: Registry = Registry("loss", "losses")
 
 Shape = tuple[int, ...]
 TeacherLogits = torch.Tensor | Sequence[torch.Tensor]
@@ -46,10 +47,17 @@ class DistillLoss(nn.Module):
     default_adapter: ClassVar[str | None] = None
     #: Feature losses: called per (student, teacher) pair, or once with all pairs.
     pairwise: ClassVar[bool] = True
+    #: Feature losses comparing element by element: (adapted) shapes must be equal.
+    needs_same_shape: ClassVar[bool] = False
 
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
         """Called once with the probed per-sample shapes of the (adapted) student features
         and the teacher features, before training; build shape-dependent state here."""
+
+
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors as float32 (losses are computed in fp32 or better under AMP)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def as_ensemble(teacher_logits: TeacherLogits) -> list[torch.Tensor]:
@@ -64,7 +72,7 @@ def ensemble_log_probs(teacher_logits: TeacherLogits, temperature: float) -> tor
 
     log (1/K) sum_k softmax(t_k / T) = logsumexp_k log_softmax(t_k / T) - log K
     """
-    logs = [torch.log_softmax(t.float() / temperature, dim=1) for t in as_ensemble(teacher_logits)]
+    logs = [torch.log_softmax(full_precision(t.detach()) / temperature, dim=1) for t in as_ensemble(teacher_logits)]
     if len(logs) == 1:
         return logs[0]
     return torch.logsumexp(torch.stack(logs), dim=0) - math.log(len(logs))
@@ -72,5 +80,5 @@ def ensemble_log_probs(teacher_logits: TeacherLogits, temperature: float) -> tor
 
 def ensemble_mean_logits(teacher_logits: TeacherLogits) -> torch.Tensor:
     """Mean of the teachers' raw logits (for losses defined on logits, not probabilities)."""
-    logits = as_ensemble(teacher_logits)
+    logits = [t.detach() for t in as_ensemble(teacher_logits)]
     return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from featkd.errors import ConfigError
-from featkd.losses.base import LOSSES, DistillLoss
+from featkd.losses.base import LOSSES, DistillLoss, full_precision
 
 
 @LOSSES.register("fitnet")
@@ -20,14 +20,15 @@ class FitNetHint(DistillLoss):
     consumes = "features"
     default_weight = 100.0
     default_adapter = "auto"
+    needs_same_shape = True
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(student.float(), teacher.float())
+        return F.mse_loss(full_precision(student), full_precision(teacher.detach()))
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Spatial attention of a (B, C, ...) map: normalize(mean_c |f|^p), flattened to (B, HW)."""
-    return F.normalize(feature.float().abs().pow(p).mean(1).flatten(1), dim=1)
+    return F.normalize(full_precision(feature).abs().pow(p).mean(1).flatten(1), dim=1)
 
 
 def pool_to_common_size(
@@ -70,7 +71,7 @@ class AttentionTransfer(DistillLoss):
                 )
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        student, teacher = pool_to_common_size(student, teacher)
+        student, teacher = pool_to_common_size(student, teacher.detach())
         return (attention_map(student, self.p) - attention_map(teacher, self.p)).pow(2).mean()
 
     def extra_repr(self) -> str:

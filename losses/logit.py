@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from featkd.errors import ConfigError
-from featkd.losses.base import LOSSES, DistillLoss, TeacherLogits, ensemble_log_probs
+from featkd.losses.base import LOSSES, DistillLoss, TeacherLogits, ensemble_log_probs, full_precision
 
 
 @LOSSES.register("ce")
@@ -50,7 +50,7 @@ class KDLoss(DistillLoss):
         self, student_logits: torch.Tensor, teacher_logits: TeacherLogits, targets: torch.Tensor | None = None
     ) -> torch.Tensor:
         t = self.temperature
-        log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
+        log_p_student = F.log_softmax(full_precision(student_logits) / t, dim=1)
         log_p_teacher = ensemble_log_probs(teacher_logits, t)
         kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
         return kl * (t * t)

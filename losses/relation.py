@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from featkd.errors import ConfigError
-from featkd.losses.base import LOSSES, DistillLoss
+from featkd.losses.base import LOSSES, DistillLoss, full_precision
 
 #: Elements of one (anchors, B, B) block in the chunked angle computation (16 MB in fp32).
 ANGLE_BLOCK_ELEMENTS = 1 << 22
@@ -19,7 +19,7 @@ def centered_gram(x: torch.Tensor) -> torch.Tensor:
     Distances and angles are translation-invariant, and centering keeps the Gram-matrix
     differences below from cancelling catastrophically when embeddings share a large offset.
     """
-    x = x.flatten(1).float()
+    x = full_precision(x.flatten(1))
     x = x - x.mean(0, keepdim=True)
     return x @ x.t()
 
@@ -78,7 +78,7 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor, chunk_size: int | No
     B x B x D difference tensor; chunks are recomputed in backward, so memory stays at one
     (chunk, B, B) block instead of B^3.
     """
-    g_s, g_t = centered_gram(student), centered_gram(teacher)
+    g_s, g_t = centered_gram(student), centered_gram(teacher.detach())
     n = len(g_s)
     chunk = chunk_size or max(1, ANGLE_BLOCK_ELEMENTS // (n * n))
     total = g_s.new_zeros(())

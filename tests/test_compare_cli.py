@@ -1,0 +1,116 @@
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from featkd.cli import main
+from featkd.compare import load_spec, plan, run_comparison
+from featkd.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def write_spec(tmp_path, variants, **extra) -> Path:
+    spec = {"name": "mini", "base": QUICKSTART, "seeds": [0, 1], "baseline": "alone", "variants": variants, **extra}
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+ALONE = {"teacher": None, "loss": {"kd": None, "ce": {"weight": 1.0}}}
+FAST = ["train.epochs=1", "teacher.train.epochs=1", "logger=none", "progress=false"]
+
+
+def test_a_comparison_runs_every_variant_and_seed_and_tabulates_them(tmp_path):
+    path = write_spec(tmp_path, {"alone": ALONE, "KD": {}})
+    result = run_comparison(path, [f"output_dir={tmp_path}", *FAST], progress=False)
+    assert [(r.variant, r.seed) for r in result.rows] == [("alone", 0), ("KD", 0), ("alone", 1), ("KD", 1)]
+    kd = next(s for s in result.summaries if s.variant == "KD")
+    kd_last = [r.last_acc for r in result.rows if r.variant == "KD"]
+    assert kd.last_mean == pytest.approx(statistics.fmean(kd_last))
+    assert kd.last_std == pytest.approx(statistics.stdev(kd_last))
+    alone = next(s for s in result.summaries if s.variant == "alone")
+    assert kd.delta_last == pytest.approx(kd.last_mean - alone.last_mean) and alone.delta_last is None
+    table = (result.folder / "results.md").read_text()
+    assert "| KD |" in table and "top-1 last" in table and "top-1 best" in table
+    assert len((result.folder / "results.csv").read_text().splitlines()) == 5
+    assert json.loads((result.folder / "results.json").read_text())["baseline"] == "alone"
+    assert result.teacher_acc and result.teacher_models == ["cnn_large"]
+
+
+def test_overrides_apply_to_the_variants_that_have_the_section(tmp_path):
+    path = write_spec(tmp_path, {"alone": ALONE, "KD": {}})
+    spec, spec_path = load_spec(path)
+    configs = plan(spec, spec_path, ["loss.kd.temperature=2", "train.epochs=3"])
+    assert configs["KD"].terms["kd"].params == {"temperature": 2}
+    assert "kd" not in configs["alone"].terms
+    assert configs["alone"].train.epochs == configs["KD"].train.epochs == 3
+    with pytest.raises(ConfigError, match="matches no variant"):
+        plan(spec, spec_path, ["loss.sp.weight=1"])
+
+
+def test_a_bad_variant_fails_before_anything_runs(tmp_path):
+    path = write_spec(tmp_path, {"alone": ALONE, "broken": {"loss": {"at": {"weight": 1}}}})
+    with pytest.raises(ConfigError, match="variant 'broken'.*loss.at"):
+        run_comparison(path, [f"output_dir={tmp_path}", *FAST], progress=False)
+    assert not any(p.is_dir() for p in tmp_path.iterdir())
+    bad = write_spec(tmp_path, {"alone": ALONE}, baseline="nobody")
+    with pytest.raises(ConfigError, match="baseline 'nobody'"):
+        load_spec(bad)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, "-m", "featkd.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", QUICKSTART, "trian.epochs=3"], "trian: unknown key. Did you mean 'train'?"),
+    (["train", QUICKSTART, "loss.at.student=layer9", "loss.at.teacher=layer3", "train.epochs=1",
+      "teacher.train.epochs=1", "logger=none"], "no module 'layer9'"),
+    (["train", "missing.yaml"], "not found"),
+    (["inspect", "cnn_smal"], "Did you mean 'cnn_small'"),
+    (["compare", QUICKSTART], "invalid comparison file"),
+])
+def test_bad_input_exits_with_code_2_and_one_message(args, message, tmp_path):
+    if args[0] == "train" and len(args) > 3:
+        args = [*args, f"output_dir={tmp_path}"]
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_command_prints_a_summary(tmp_path, capsys):
+    assert main(["train", QUICKSTART, f"output_dir={tmp_path}", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "student      top-1 last" in out and "teacher      top-1" in out and "agreement" in out
+
+
+def test_inspect_lists_hookable_names_with_shapes(capsys):
+    assert main(["inspect", "cnn_small"]) == 0
+    out = capsys.readouterr().out
+    assert "layer1" in out and "16x8x8" in out and "fc" in out
+    assert main(["inspect", "torchvision:resnet18", "--input-shape", "3,32,32", "--depth", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4.1.relu" in out and "runs 2x" in out and "512x1x1" in out
+    assert main(["inspect", "timm:resnet18", "--input-shape", "3,32,32", "--num-classes", "5"]) == 0
+    assert "global_pool" in capsys.readouterr().out
+
+
+def test_list_and_config_commands(capsys):
+    assert main(["list", "losses"]) == 0
+    out = capsys.readouterr().out
+    assert "kd" in out and "Hinton" in out and "rkd" in out
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(kind + ":" in out for kind in ["losses", "adapters", "models", "datasets", "optimizers", "schedulers"])
+    assert main(["config", "quickstart", "loss.kd.temperature=2"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["loss"]["kd"]["temperature"] == 2
