@@ -322,6 +322,8 @@ class Distiller(nn.Module):
             for capture in [self._student_capture, *self._teacher_captures]:
                 if capture is not None:
                     capture.clear()
+        if not losses:
+            raise ConfigError("every term has weight 0: nothing to optimize.")
         loss = torch.stack(list(losses.values())).sum() if len(losses) > 1 else next(iter(losses.values()))
         return DistillOutput(logits, loss, losses, parts, t_logits)
 

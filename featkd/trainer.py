@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from featkd.checkpoint import load_checkpoint, save_checkpoint
 from featkd.config import Config, ModelConfig, TeacherConfig, TermConfig, TrainConfig, dump_yaml, flatten
 from featkd.data import DataBundle, build_data
-from featkd.distiller import Distiller, Term
+from featkd.distiller import Distiller, Term, logits_of
 from featkd.errors import CheckpointError
 from featkd.logging import Logger, make_logger
 from featkd.models import build_model, count_parameters
@@ -106,7 +106,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     try:
         for x, y, *_ in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = _logits(model(x))
+            logits = logits_of(model(x))
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             pred = logits.argmax(1)
             predictions.append(pred.cpu())
@@ -116,12 +116,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
         model.train(was_training)
     return {"acc": 100.0 * correct / max(1, total), "loss": loss_sum / max(1, total),
             "predictions": torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)}
-
-
-def _logits(output: Any) -> torch.Tensor:
-    from featkd.distiller import logits_of
-
-    return logits_of(output)
 
 
 def make_optimizer(train_cfg: TrainConfig, params: Iterator[nn.Parameter], steps_per_epoch: int):
