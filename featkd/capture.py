@@ -169,6 +169,7 @@ class FeatureCapture:
         self._versions: dict[str, int] = {}
         self._calls: dict[tuple[str, str], int] = {}
         self._recording = False
+        self._wanted: frozenset[str] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         by_hook: dict[tuple[str, str], list[FeatureSpec]] = {}
         for spec in self.specs:
@@ -186,6 +187,8 @@ class FeatureCapture:
         count = self._calls.get(key, 0)
         self._calls[key] = count + 1
         for spec in specs:
+            if self._wanted is not None and spec.name not in self._wanted:
+                continue
             if spec.call is None and count > 0:
                 continue  # reported by collect(): the module ran more than once
             if spec.call is not None and spec.call != -1 and spec.call != count:
@@ -225,10 +228,14 @@ class FeatureCapture:
         return [s.name for s in self.specs]
 
     @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Store features during forwards inside this block; start from an empty store."""
+    def recording(self, names: frozenset[str] | None = None) -> Iterator[None]:
+        """Store features during forwards inside this block; start from an empty store.
+
+        `names` limits what is kept to the features needed now (default: all of them).
+        """
         self.clear()
         self._recording = True
+        self._wanted = names
         try:
             yield
         finally:
@@ -238,6 +245,8 @@ class FeatureCapture:
         """The features of the last recorded forward, checked for repeats and in-place edits."""
         stale = []
         for spec in self.specs:
+            if self._wanted is not None and spec.name not in self._wanted:
+                continue
             calls = self._calls.get((spec.module, spec.port), 0)
             if calls == 0:
                 raise CaptureError(

@@ -6,6 +6,7 @@
     featkd inspect MODEL                      hookable module names with their shapes
     featkd list [losses|models|...]           what the registries hold
     featkd config CONFIG [key=value ...]      print the resolved, validated config
+    featkd bench [SUITE]                      benchmarks that print numbers
 
 Bad input (an unknown key, loss, model, feature name, a missing file) prints one message
 saying what was wrong and what to do, and exits with code 2.
@@ -46,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered losses, adapters, models, datasets, ...")
     p.add_argument("kind", nargs="?", choices=KINDS, help="one kind (default: all)")
+
+    p = sub.add_parser("bench", help="benchmarks that print numbers (and write them as JSON)")
+    p.add_argument("suite", nargs="?", default="rkd-angle", choices=["rkd-angle"],
+                   help="rkd-angle: direct vs Gram-matrix RKD angle loss, time and peak memory")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="also write the results to this JSON file")
 
     p = sub.add_parser("config", help="print a config after merging bases and overrides, validated")
     p.add_argument("config")
@@ -140,6 +150,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from featkd import bench
+
+    results = bench.rkd_angle_suite(args.batch, args.dim, args.repeats, args.device)
+    bench.print_rkd_angle(results)
+    if args.json:
+        bench.write_json(args.json, args.suite, results)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from featkd.config import dump_yaml, load_config
 
@@ -159,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect": cmd_inspect,
         "list": cmd_list,
         "config": cmd_config,
+        "bench": cmd_bench,
     }
     try:
         return handlers[args.command](args)

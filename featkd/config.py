@@ -94,6 +94,15 @@ class TeacherConfig(ModelConfig):
     cache: bool = True
 
 
+class PretrainConfig(_Strict):
+    """A method's pre-training stage: `epochs` (default: the method's; 0 skips it), optimizer
+    (default: the distillation stage's) and schedule."""
+
+    epochs: NonNegativeInt | None = None
+    optimizer: OptimizerConfig | None = None
+    scheduler: SchedulerConfig = Field(default_factory=lambda: SchedulerConfig(name="constant"))
+
+
 class TermConfig(BaseModel):
     """One loss term; the key in `loss:` names it, `type` picks the loss (default: the key).
     Keys other than the ones below are the loss's hyper-parameters."""
@@ -105,6 +114,7 @@ class TermConfig(BaseModel):
     teacher: str | list[str] | None = None
     adapter: str | None = None
     teacher_index: NonNegativeInt = 0
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -187,15 +197,19 @@ def deep_merge(base: dict, top: Mapping) -> dict:
 
 
 def find_config(path: str | Path) -> Path:
-    """A config path, or the name of a config shipped with featkd (`quickstart`)."""
+    """A config path, or one shipped with featkd by name (`quickstart`, `zoo/crd`)."""
     path = Path(path)
     if path.is_file():
         return path
-    name = path.name if path.suffix else path.name + ".yaml"
-    packaged = resources.files("featkd.configs").joinpath(name)
-    if packaged.is_file() and (len(path.parts) == 1 or path.parent.name == "configs"):
-        return Path(str(packaged))
-    shipped = sorted(p.name for p in resources.files("featkd.configs").iterdir() if p.name.endswith(".yaml"))
+    parts = list(path.with_suffix(".yaml").parts if path.suffix != ".yaml" else path.parts)
+    if parts and parts[0] == "configs":
+        parts = parts[1:]
+    shipped_root = resources.files("featkd.configs")
+    if parts and not path.is_absolute():
+        packaged = shipped_root.joinpath(*parts)
+        if packaged.is_file():
+            return Path(str(packaged))
+    shipped = sorted(str(p.relative_to(Path(str(shipped_root)))) for p in Path(str(shipped_root)).rglob("*.yaml"))
     raise ConfigError(f"config file {str(path)!r} not found. Configs shipped with featkd: {', '.join(shipped)}.")
 
 
@@ -218,8 +232,16 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides; `value` is parsed as YAML."""
+    """Apply `a.b.c=value` overrides; `value` is parsed as YAML.
+
+    `teacher` is always a list here: `teacher.1.seed=3` addresses the second teacher, and
+    `teacher.seed=3` the only one.
+    """
     data = copy.deepcopy(data)
+    if isinstance(data.get("teacher"), (str, dict)):
+        data["teacher"] = [data["teacher"]]
+    if isinstance(data.get("teacher"), list):
+        data["teacher"] = [{"model": t} if isinstance(t, str) else t for t in data["teacher"]]
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -233,8 +255,13 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         for depth, part in enumerate(parts[:-1]):
             where = ".".join(parts[: depth + 1])
             if isinstance(node, list):
-                node = node[_list_index(part, node, where)]
-                continue
+                if len(node) == 1 and not part.lstrip("-").isdigit():  # teacher.seed: the only teacher
+                    node = node[0]
+                else:
+                    node = node[_list_index(part, node, where)]
+                    continue
+            if isinstance(node, str):
+                raise ConfigError(f"override {item!r}: {where} is {node!r}, not a mapping.")
             if node.get(part) is None:
                 node[part] = {}
             elif isinstance(node[part], str):  # shorthand such as `logger: none`
@@ -243,10 +270,14 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 raise ConfigError(f"override {item!r}: {where} is {node[part]!r}, not a mapping.")
             node = node[part]
         last = parts[-1]
+        if isinstance(node, list) and len(node) == 1 and not last.lstrip("-").isdigit():
+            node = node[0]
         if isinstance(node, list):
             node[_list_index(last, node, key)] = value
-        else:
+        elif isinstance(node, dict):
             node[last] = value
+        else:
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:-1])} is {node!r}, not a mapping.")
     return data
 
 
@@ -316,6 +347,11 @@ def check_semantics(config: Config) -> None:
                 f"{key}: {loss_name!r} compares features; set {key}.student and {key}.teacher to "
                 "module names (`featkd inspect MODEL` lists them)."
             )
+        if term.pretrain != PretrainConfig() and cls.pretrain is None:
+            raise ConfigError(f"{key}.pretrain: {loss_name!r} has no pre-training stage.")
+        if term.pretrain.optimizer is not None:
+            _check_optimizer(named, f"{key}.pretrain", term.pretrain.optimizer)
+        _check_scheduler(named, f"{key}.pretrain", term.pretrain.scheduler)
         if config.teacher and term.teacher_index >= len(config.teacher):
             raise ConfigError(f"{key}.teacher_index: {term.teacher_index} but there are {len(config.teacher)} teacher(s).")
     if not (config.device in ("auto", "cpu", "cuda", "mps") or config.device.startswith("cuda:")):
@@ -323,13 +359,22 @@ def check_semantics(config: Config) -> None:
 
 
 def _check_training(named, key: str, train: TrainConfig) -> None:
-    from featkd.optim import OPTIMIZERS, SCHEDULERS
+    _check_optimizer(named, key, train.optimizer)
+    _check_scheduler(named, key, train.scheduler)
+
+
+def _check_optimizer(named, key: str, optimizer: OptimizerConfig) -> None:
+    from featkd.optim import OPTIMIZERS
 
     named(f"{key}.optimizer", lambda: OPTIMIZERS.check_arguments(
-        train.optimizer.name, train.optimizer.args, f"{key}.optimizer", injected=["params"]))
+        optimizer.name, optimizer.args, f"{key}.optimizer", injected=["params"]))
+
+
+def _check_scheduler(named, key: str, scheduler: SchedulerConfig) -> None:
+    from featkd.optim import SCHEDULERS
+
     named(f"{key}.scheduler", lambda: SCHEDULERS.check_arguments(
-        train.scheduler.name, train.scheduler.args, f"{key}.scheduler",
-        injected=["optimizer", "steps_per_epoch", "epochs"]))
+        scheduler.name, scheduler.args, f"{key}.scheduler", injected=["optimizer", "steps_per_epoch", "epochs"]))
 
 
 # -- error messages ----------------------------------------------------------------------

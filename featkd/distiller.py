@@ -19,6 +19,7 @@ moves it along with the student.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,9 @@ from torch import nn
 
 from featkd.adapters import ADAPTERS, Layout, infer_layout
 from featkd.capture import FeatureCapture, StaleFeatureError, _call, resolve
-from featkd.errors import AdapterError, ConfigError, FeatkdError
+from featkd.errors import AdapterError, ConfigError, FeatkdError, did_you_mean
 from featkd.losses import LOSSES, DistillLoss
+from featkd.losses.base import PretrainStage
 
 _DEFAULT = object()
 
@@ -166,13 +168,15 @@ class Distiller(nn.Module):
         self._teacher_captures: list[FeatureCapture | None] = []
         self._build_captures()
         self._ready = False
+        self._pretraining: Term | None = None
+        self._wanted_cache: dict[tuple[str, ...], tuple[frozenset[str], dict[int, frozenset[str]]]] = {}
         if example_input is not None:
             self.setup(example_input)
-        elif any(t.adapter is not None for t in self._feature_terms()):
+        elif any(t.adapter is not None or t.module.has_shape_dependent_parameters for t in self._feature_terms()):
             self.close()
             raise ConfigError(
-                "Distiller: a term uses an adapter, which is built from probed feature shapes; "
-                "pass example_input= (one batch of inputs) so the adapter exists before you "
+                "Distiller: a term has an adapter or learnable parts built from probed feature "
+                "shapes; pass example_input= (one batch of inputs) so they exist before you "
                 "create the optimizer."
             )
 
@@ -288,50 +292,94 @@ class Distiller(nn.Module):
 
     # -- running -------------------------------------------------------------------------
     def forward(self, x: Any, targets: torch.Tensor | None = None, **batch: Any) -> DistillOutput:
-        """One distillation forward: teacher(s) without grad, student with grad, all terms."""
+        """One distillation forward: teacher(s) without grad, student with grad, all terms.
+
+        Extra keyword arguments are batch fields some losses read (CRD's `index`).
+        """
         if not self._ready:
             self.setup(x)
+        if self._pretraining is not None:
+            return self._pretrain_forward(self._pretraining, x, batch)
         active = [t for t in self.terms if t.weight != 0.0]
-        need_teacher = any(t.module.needs_teacher for t in active)
-        teacher_logits: list[torch.Tensor] = []
-        teacher_feats: list[dict[str, torch.Tensor]] = []
-        if need_teacher:
-            with torch.no_grad():
-                for teacher, capture in zip(self._teachers, self._teacher_captures):
-                    if teacher.training:  # someone called .train() on it: pin it back
-                        teacher.eval()
-                    logits, feats = self._run(teacher, capture, x)
-                    teacher_logits.append(logits)
-                    teacher_feats.append(feats)
-        logits, student_feats = self._run(self.student, self._student_capture, x)
-        t_logits = (teacher_logits[0] if len(teacher_logits) == 1 else tuple(teacher_logits)) if teacher_logits else None
-
-        losses: dict[str, torch.Tensor] = {}
-        parts: dict[str, torch.Tensor] = {}
+        if not active:
+            raise ConfigError("every term has weight 0: nothing to optimize.")
+        teacher_indices = sorted({i for t in active if t.module.needs_teacher
+                                  for i in (range(len(self._teachers)) if t.module.consumes == "logits"
+                                            else [t.teacher_index])})
+        student_names, teacher_names = self._wanted(active)
+        teacher_logits, teacher_feats = self._teacher_pass(x, teacher_indices, teacher_names)
         try:
+            logits, student_feats = self._run(self.student, self._student_capture, x, student_names)
+            t_logits = self._ensemble_logits(teacher_logits)
+            losses: dict[str, torch.Tensor] = {}
+            parts: dict[str, torch.Tensor] = {}
             for term in active:
                 if term.module.needs_targets and targets is None:
                     raise ConfigError(f"term {term.name!r} needs labels: call distiller(x, targets).")
+                extras = self._batch_fields(term, batch)
                 if term.module.consumes == "logits":
-                    value = term.module(logits, t_logits, targets)
-                    total = self._record(parts, term.name, value)
+                    total = self._record(parts, term.name, term.module(logits, t_logits, targets, **extras))
                 else:
-                    total = self._feature_term(term, student_feats, teacher_feats[term.teacher_index], parts)
+                    total = self._feature_term(term, term.module, student_feats,
+                                               teacher_feats.get(term.teacher_index, {}), parts, extras)
                 losses[term.name] = term.weight * total
         finally:
-            for capture in [self._student_capture, *self._teacher_captures]:
-                if capture is not None:
-                    capture.clear()
-        if not losses:
-            raise ConfigError("every term has weight 0: nothing to optimize.")
+            self._clear_captures()
         loss = torch.stack(list(losses.values())).sum() if len(losses) > 1 else next(iter(losses.values()))
         return DistillOutput(logits, loss, losses, parts, t_logits)
 
-    def _run(self, model: nn.Module, capture: FeatureCapture | None, x: Any) -> tuple[torch.Tensor, dict]:
-        if capture is None:
+    def _wanted(self, terms: Sequence[Term]) -> tuple[frozenset[str], dict[int, frozenset[str]]]:
+        """Feature names the given terms read, on the student and on each teacher."""
+        key = tuple(t.name for t in terms)
+        if key not in self._wanted_cache:
+            student: set[str] = set()
+            teachers: dict[int, set[str]] = {}
+            for term in terms:
+                for pair in self._pairs.get(term.name, []):
+                    student.add(pair.student)
+                    teachers.setdefault(term.teacher_index, set()).add(pair.teacher)
+            self._wanted_cache[key] = (frozenset(student), {i: frozenset(v) for i, v in teachers.items()})
+        return self._wanted_cache[key]
+
+    def _teacher_pass(self, x: Any, indices: Sequence[int],
+                      names: dict[int, frozenset[str]]) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
+        logits, feats = {}, {}
+        with torch.no_grad():
+            for i in indices:
+                teacher = self._teachers[i]
+                if teacher.training:  # someone called .train() on it: pin it back
+                    teacher.eval()
+                logits[i], feats[i] = self._run(teacher, self._teacher_captures[i], x, names.get(i, frozenset()))
+        return logits, feats
+
+    def _ensemble_logits(self, logits: dict[int, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
+        if len(logits) < len(self._teachers) or not logits:
+            return None  # only feature terms ran a teacher: no ensemble output to offer
+        return logits[0] if len(logits) == 1 else tuple(logits[i] for i in range(len(self._teachers)))
+
+    def _clear_captures(self) -> None:
+        for capture in [self._student_capture, *self._teacher_captures]:
+            if capture is not None:
+                capture.clear()
+
+    @staticmethod
+    def _batch_fields(term: Term, batch: dict[str, Any]) -> dict[str, Any]:
+        missing = [k for k in term.module.batch_keys if k not in batch]
+        if missing:
+            raise ConfigError(
+                f"term {term.name!r} needs {', '.join(repr(k) for k in missing)} in every batch. Wrap the "
+                "training set with `train_set = distiller.prepare_data(train_set)` before building the "
+                f"DataLoader and pass the extra fields, e.g. distiller(x, y, **extras) (the featkd trainer "
+                "does both)."
+            )
+        return {k: batch[k] for k in term.module.batch_keys}
+
+    def _run(self, model: nn.Module, capture: FeatureCapture | None, x: Any,
+             names: frozenset[str] = frozenset()) -> tuple[torch.Tensor, dict]:
+        if capture is None or not names:
             return logits_of(_call(model, x)), {}
         for attempt in range(2):
-            with capture.recording():
+            with capture.recording(names):
                 output = _call(model, x)
             try:
                 return logits_of(output), capture.collect()
@@ -340,21 +388,93 @@ class Distiller(nn.Module):
                     raise
         raise AssertionError("unreachable")
 
-    def _feature_term(self, term: Term, s_feats: dict, t_feats: dict, parts: dict) -> torch.Tensor:
+    def _feature_term(self, term: Term, objective: Callable, s_feats: dict, t_feats: dict, parts: dict,
+                      extras: dict[str, Any], suffix: str = "") -> torch.Tensor:
         pairs = self._pairs[term.name]
         adapters = self.adapters[term.name] if term.name in self.adapters else None
         students = [
-            adapters[i](s_feats[p.student]) if adapters is not None else s_feats[p.student]
+            (adapters[i](s_feats[p.student]) if adapters is not None else s_feats[p.student]) if s_feats else None
             for i, p in enumerate(pairs)
         ]
         teachers = [t_feats[p.teacher] for p in pairs]
+        name = term.name + suffix
         if not term.module.pairwise:
-            return self._record(parts, term.name, term.module(students, teachers))
+            value = objective(students, teachers, **extras)
+            if isinstance(value, (list, tuple)):  # one value per pair, logged under the pair's name
+                labels = [p.label for p in pairs] if len(value) == len(pairs) else [str(i) for i in range(len(value))]
+                totals = [self._record(parts, f"{name}/{label}" if label else name, v) for label, v in zip(labels, value)]
+                return totals[0] if len(totals) == 1 else torch.stack(totals).sum()
+            return self._record(parts, name, value)
         totals = [
-            self._record(parts, f"{term.name}/{p.label}" if p.label else term.name, term.module(s, t))
+            self._record(parts, f"{name}/{p.label}" if p.label else name, objective(s, t, **extras))
             for p, s, t in zip(pairs, students, teachers)
         ]
         return totals[0] if len(totals) == 1 else torch.stack(totals).sum()
+
+    # -- epochs, data, pre-training stages -----------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Tell every loss the current epoch (1-based); call it at the start of each epoch."""
+        for term in self.terms:
+            term.module.set_epoch(epoch)
+
+    def prepare_data(self, dataset: Any) -> Any:
+        """The training set wrapped as the losses need (e.g. CRD adds sample indices)."""
+        for term in self.terms:
+            dataset = term.module.prepare_data(dataset)
+        return dataset
+
+    def pretrain_stages(self) -> list[tuple[str, PretrainStage]]:
+        """(term name, stage) for every term whose method has a pre-training stage."""
+        return [(t.name, t.module.pretrain) for t in self.terms if t.module.pretrain is not None]
+
+    def pretrain_parameters(self, term_name: str) -> list[nn.Parameter]:
+        """What the pre-training stage of `term_name` optimizes."""
+        term = self._term(term_name)
+        stage = term.module.pretrain
+        if stage is None:
+            raise ConfigError(f"term {term_name!r} ({term.loss}) has no pre-training stage.")
+        groups = {
+            "student": lambda: self.student.parameters(),
+            "adapters": lambda: self.adapters[term.name].parameters() if term.name in self.adapters else iter(()),
+            "loss": lambda: term.module.pretrain_parameters(),
+        }
+        params = list(dict.fromkeys(p for group in stage.trains for p in groups[group]() if p.requires_grad))
+        return params
+
+    @contextmanager
+    def pretraining(self, term_name: str) -> Iterator[Distiller]:
+        """Inside this block, `forward` computes only the pre-training objective of `term_name`."""
+        term = self._term(term_name)
+        if term.module.pretrain is None:
+            raise ConfigError(f"term {term_name!r} ({term.loss}) has no pre-training stage.")
+        self._pretraining = term
+        try:
+            yield self
+        finally:
+            self._pretraining = None
+
+    def _term(self, name: str) -> Term:
+        for term in self.terms:
+            if term.name == name:
+                return term
+        raise ConfigError(f"no term named {name!r}.{did_you_mean(name, [t.name for t in self.terms])}")
+
+    def _pretrain_forward(self, term: Term, x: Any, batch: dict[str, Any]) -> DistillOutput:
+        stage = term.module.pretrain
+        student_names, teacher_names = self._wanted([term])
+        teacher_logits, teacher_feats = self._teacher_pass(x, [term.teacher_index], teacher_names)
+        try:
+            if stage.uses_student:
+                logits, student_feats = self._run(self.student, self._student_capture, x, student_names)
+            else:
+                logits, student_feats = teacher_logits[term.teacher_index], {}
+            parts: dict[str, torch.Tensor] = {}
+            value = self._feature_term(term, term.module.pretrain_loss, student_feats,
+                                       teacher_feats[term.teacher_index], parts, {}, "/pretrain")
+        finally:
+            self._clear_captures()
+        return DistillOutput(logits, value, {f"{term.name}/pretrain": value}, parts,
+                             self._ensemble_logits(teacher_logits))
 
     @staticmethod
     def _record(parts: dict, name: str, value: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:

@@ -55,8 +55,9 @@ def import_plugins(modules: list[str]) -> None:
 
 
 def first_line(obj: object) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    """The first paragraph of an object's docstring, as one line."""
+    doc = (inspect.getdoc(obj) or "").strip()
+    return " ".join(doc.split("\n\n")[0].split()) if doc else ""
 
 
 class Registry(Generic[T]):

@@ -32,6 +32,7 @@ from featkd.checkpoint import load_checkpoint, save_checkpoint
 from featkd.config import Config, ModelConfig, TeacherConfig, TermConfig, TrainConfig, dump_yaml, flatten
 from featkd.data import DataBundle, build_data
 from featkd.distiller import Distiller, Term, logits_of
+from featkd.losses.base import PretrainStage
 from featkd.errors import CheckpointError
 from featkd.logging import Logger, make_logger
 from featkd.models import build_model, count_parameters
@@ -67,17 +68,29 @@ class RunResult:
 # -- pieces ------------------------------------------------------------------------------
 
 
-def make_loaders(bundle: DataBundle, config: Config, seed: int) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training loader (seeded, full batches only) and an ordered test loader."""
+def make_loaders(bundle: DataBundle, config: Config, seed: int, train_set: Any = None) -> tuple[DataLoader, DataLoader]:
+    """Shuffled training loader (seeded, full batches only) and an ordered test loader.
+
+    `train_set` replaces `bundle.train` (e.g. as wrapped by `Distiller.prepare_data`).
+    """
+    train_set = bundle.train if train_set is None else train_set
     generator = torch.Generator().manual_seed(seed)
     data = config.data
     train = DataLoader(
-        bundle.train, batch_size=data.batch_size, shuffle=True, generator=generator,
-        num_workers=data.num_workers, drop_last=len(bundle.train) > data.batch_size,
+        train_set, batch_size=data.batch_size, shuffle=True, generator=generator,
+        num_workers=data.num_workers, drop_last=len(train_set) > data.batch_size,
         persistent_workers=data.num_workers > 0,
     )
     test = DataLoader(bundle.test, batch_size=data.eval_batch_size, shuffle=False, num_workers=data.num_workers)
     return train, test
+
+
+def unpack(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(inputs, labels, extra fields) of a batch, on `device`; extras come from dataset wrappers."""
+    x, y, *rest = batch
+    extras = rest[0] if rest and isinstance(rest[0], dict) else {}
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in extras.items()}
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), moved
 
 
 def build_from(spec: ModelConfig, bundle: DataBundle) -> nn.Module:
@@ -140,14 +153,18 @@ def fit(
     extra_state: dict[str, Any] | None = None,
     progress: bool = True,
     epoch_lines: bool = False,
+    parameters: list[nn.Parameter] | None = None,
+    evaluate_student: bool = True,
 ) -> StageResult:
-    """Train `distiller.parameters()` for `train_cfg.epochs`, evaluating the student each epoch.
+    """Train `parameters` (default: `distiller.parameters()`) for `train_cfg.epochs`,
+    evaluating the student each epoch.
 
     `checkpoints` maps "last"/"best" to paths written atomically after each epoch. Progress is
     a live bar on a terminal; `epoch_lines` prints one line per epoch where there is none (logs).
     """
     steps_per_epoch = len(train_loader)
-    optimizer, scheduler = make_optimizer(train_cfg, distiller.parameters(), steps_per_epoch)
+    trainable = parameters if parameters is not None else [p for p in distiller.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(train_cfg, trainable, steps_per_epoch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     best_acc, best_epoch, last_acc = -1.0, 0, 0.0
     step = 0
@@ -158,11 +175,12 @@ def fit(
     try:
         for epoch in range(1, train_cfg.epochs + 1):
             distiller.train()
+            distiller.set_epoch(epoch)
             sums: dict[str, torch.Tensor] = {}
             epoch_start = time.perf_counter()
-            for batch_index, (x, y, *_) in enumerate(train_loader):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                out = distiller(x, y)
+            for batch_index, batch in enumerate(train_loader):
+                x, y, extras = unpack(batch, device)
+                out = distiller(x, y, **extras)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 if train_cfg.grad_clip:
@@ -182,25 +200,23 @@ def fit(
                     )
             n = max(1, steps_per_epoch)
             metrics = {f"train/{k}": v.item() / n for k, v in sums.items()}
-            result = evaluate(distiller.student, test_loader, device)
-            last_acc = result["acc"]
-            improved = last_acc > best_acc
-            if improved:
-                best_acc, best_epoch = last_acc, epoch
-            metrics.update({
-                "epoch": epoch,
-                "lr": optimizer.param_groups[0]["lr"],
-                "test/acc": last_acc,
-                "test/loss": result["loss"],
-                "test/best_acc": best_acc,
-                "time/epoch_s": time.perf_counter() - epoch_start,
-            })
+            metrics.update({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]})
+            improved = False
+            if evaluate_student:
+                result = evaluate(distiller.student, test_loader, device)
+                last_acc = result["acc"]
+                improved = last_acc > best_acc
+                if improved:
+                    best_acc, best_epoch = last_acc, epoch
+                metrics.update({"test/acc": last_acc, "test/loss": result["loss"], "test/best_acc": best_acc})
+            metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             logger.log(metrics, step)
             if progress and epoch_lines and not live:
                 terms = " ".join(f"{k.removeprefix('train/loss/')} {v:.3g}" for k, v in metrics.items()
                                  if k.startswith("train/loss/"))
-                print(f"{stage} epoch {epoch}/{train_cfg.epochs}: loss {metrics['train/loss']:.3g} ({terms}) "
-                      f"top-1 {last_acc:.2f}% (best {best_acc:.2f}%)", flush=True)
+                accuracy = f" top-1 {last_acc:.2f}% (best {best_acc:.2f}%)" if evaluate_student else ""
+                print(f"{stage} epoch {epoch}/{train_cfg.epochs}: loss {metrics['train/loss']:.3g} ({terms}){accuracy}",
+                      flush=True)
             if checkpoints:
                 state = {
                     **(extra_state or {}),
@@ -295,8 +311,8 @@ def prepare_teacher(
         acc = evaluate(model, test_loader, device)["acc"]
         _say(config.progress and verbose, f"teacher {index}: {spec.model} from cache {cache} (top-1 {acc:.2f}%)")
         return model, acc
-    seed_everything(spec.seed + index)
-    train_loader, test_loader = make_loaders(bundle, config, spec.seed + index)
+    seed_everything(spec.seed)
+    train_loader, test_loader = make_loaders(bundle, config, spec.seed)
     model = build_from(spec, bundle).to(device)
     stage = "teacher" if len(config.teacher or []) == 1 else f"teacher{index}"
     logger = _stage_logger(config, run_dir, stage)
@@ -345,10 +361,12 @@ def train(config: Config, run_dir: Path | None = None, verbose: bool = True) -> 
         teacher_acc.append(acc)
 
     seed_everything(config.seed)
-    train_loader, test_loader = make_loaders(bundle, config, config.seed)
     student = build_from(config.student, bundle).to(device)
-    example = next(iter(train_loader))[0].to(device)
+    example = next(iter(DataLoader(bundle.train, batch_size=config.data.batch_size)))[0].to(device)
     distiller = Distiller(teachers or None, student, terms_from(config.terms), example_input=example)
+    train_loader, test_loader = make_loaders(bundle, config, config.seed, distiller.prepare_data(bundle.train))
+    for term_name, stage in distiller.pretrain_stages():
+        run_pretrain_stage(config, distiller, term_name, stage, train_loader, test_loader, device, run_dir, verbose)
     logger = _stage_logger(config, run_dir, "distill" if teachers else "student")
     checkpoints = {"last": run_dir / "checkpoints" / "last.pt", "best": run_dir / "checkpoints" / "best.pt"}
     record = {"kind": "student", **_model_record(config.student, bundle), "config": config.to_dict()}
@@ -371,6 +389,31 @@ def train(config: Config, run_dir: Path | None = None, verbose: bool = True) -> 
     finally:
         logger.finish()
     return outcome
+
+
+def run_pretrain_stage(config: Config, distiller: Distiller, term_name: str, stage: PretrainStage,
+                       train_loader: DataLoader, test_loader: DataLoader, device: torch.device, run_dir: Path,
+                       verbose: bool = True) -> StageResult | None:
+    """Run a method's pre-training stage (FitNets hints, FT paraphraser, AB, FSP) before distillation."""
+    settings = config.terms[term_name].pretrain
+    epochs = stage.epochs if settings.epochs is None else settings.epochs
+    if epochs == 0:
+        return None
+    stage_cfg = TrainConfig(epochs=epochs, optimizer=settings.optimizer or config.train.optimizer,
+                            scheduler=settings.scheduler, grad_clip=config.train.grad_clip)
+    name = f"pretrain-{term_name}"
+    logger = _stage_logger(config, run_dir, name)
+    try:
+        with distiller.pretraining(term_name):
+            result = fit(distiller, train_loader, test_loader, stage_cfg, device, logger, name,
+                         progress=config.progress, epoch_lines=verbose,
+                         parameters=distiller.pretrain_parameters(term_name),
+                         evaluate_student="student" in stage.trains)
+        logger.summary({"epochs": epochs, "trains": list(stage.trains)})
+    finally:
+        logger.finish()
+    _say(config.progress, f"{name}: {stage.description} ({epochs} epochs, {result.seconds:.1f}s)")
+    return result
 
 
 def summary_lines(result: RunResult) -> list[str]:

@@ -8,6 +8,16 @@ A loss is an `nn.Module` registered in `featkd.losses.LOSSES`. It declares what 
   and the teacher feature it is matched with, called once per matched pair; a loss with
   `pairwise = False` gets the lists of all pairs at once instead.
 
+Hooks a loss may use, all called by the Distiller (and so by the trainer) in a generic way:
+
+- `bind(student_shapes, teacher_shapes)`: build shape-dependent modules (regressors, heads);
+  set `has_shape_dependent_parameters = True` so they exist before the optimizer is made;
+- `prepare_data(dataset)`: wrap the training set to add fields to each batch (CRD adds the
+  sample index), named in `batch_keys` and passed to `forward` as keywords;
+- `set_epoch(epoch)`: the loss sees the epoch (DKD's warm-up);
+- `pretrain`: a `PretrainStage` the method runs before distillation, with
+  `pretrain_loss()` and `pretrain_parameters()` saying on what and what it trains.
+
 It returns a scalar tensor, or a dict of named scalar parts (logged separately, summed into
 the term). The term's weight is applied once, by the Distiller, never inside the loss.
 Teacher inputs are detached, so no gradient reaches a teacher through a loss.
@@ -19,8 +29,9 @@ the formula.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import ClassVar, Literal
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -31,6 +42,21 @@ LOSSES: Registry = Registry("loss", "losses")
 
 Shape = tuple[int, ...]
 TeacherLogits = torch.Tensor | Sequence[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PretrainStage:
+    """A stage a method runs before distillation: what it trains, on what, for how long.
+
+    `trains` names parameter groups: "student" (the student network), "adapters" (this
+    term's adapters), "loss" (the loss's own modules, see `pretrain_parameters`). The stage
+    minimises `pretrain_loss`, which reads student features only if `uses_student`.
+    """
+
+    trains: tuple[str, ...]
+    epochs: int = 30
+    uses_student: bool = True
+    description: str = ""
 
 
 class DistillLoss(nn.Module):
@@ -49,10 +75,34 @@ class DistillLoss(nn.Module):
     pairwise: ClassVar[bool] = True
     #: Feature losses comparing element by element: (adapted) shapes must be equal.
     needs_same_shape: ClassVar[bool] = False
+    #: `bind` creates parameters, so shapes must be probed before the optimizer is made.
+    has_shape_dependent_parameters: ClassVar[bool] = False
+    #: Extra batch fields `forward` takes as keywords (supplied by `prepare_data`).
+    batch_keys: ClassVar[tuple[str, ...]] = ()
+    #: A stage this method runs before distillation, or None.
+    pretrain: ClassVar[PretrainStage | None] = None
+
+    epoch: int | None = None
 
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
         """Called once with the probed per-sample shapes of the (adapted) student features
         and the teacher features, before training; build shape-dependent state here."""
+
+    def prepare_data(self, dataset: Any) -> Any:
+        """Return the training set, wrapped if this loss needs more than (input, label)."""
+        return dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        """The current epoch (1-based), for losses whose weight or state depends on it."""
+        self.epoch = epoch
+
+    def pretrain_loss(self, student: Any, teacher: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The objective of the `pretrain` stage; by default the loss itself."""
+        return self(student, teacher)
+
+    def pretrain_parameters(self) -> Iterator[nn.Parameter]:
+        """The loss's own parameters the `pretrain` stage trains (when it trains "loss")."""
+        return self.parameters()
 
 
 def full_precision(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from featkd.errors import ConfigError
-from featkd.losses.base import LOSSES, DistillLoss, TeacherLogits, ensemble_log_probs, full_precision
+from featkd.losses.base import (
+    LOSSES,
+    DistillLoss,
+    TeacherLogits,
+    ensemble_log_probs,
+    ensemble_mean_logits,
+    full_precision,
+)
 
 
 @LOSSES.register("ce")
@@ -57,3 +64,110 @@ class KDLoss(DistillLoss):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
+
+
+@LOSSES.register("logit_mse")
+class LogitMSE(DistillLoss):
+    """Logit matching (Ba & Caruana 2014): regress the teacher's raw logits.
+
+    L = mean over batch and classes of (s - t)^2, on logits before the softmax. With several
+    teachers, t is the mean of their logits.
+    """
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: TeacherLogits, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.mse_loss(full_precision(student_logits), full_precision(ensemble_mean_logits(teacher_logits)))
+
+
+@LOSSES.register("dkd")
+class DKDLoss(DistillLoss):
+    """Decoupled KD (Zhao et al. 2022): KD split into target-class and non-target-class parts.
+
+    L = w(epoch) * T^2 * (alpha * KL(b_t || b_s) + beta * KL(q_t || q_s)), where b = (p_gt,
+    1 - p_gt) are the binary target/non-target probabilities, q the softmax over the
+    non-target classes, all at temperature T; w(epoch) = min(epoch / warmup, 1) ramps the
+    term in over the first `warmup` epochs (call `distiller.set_epoch`; the trainer does).
+    """
+
+    needs_targets = True
+    default_weight = 1.0
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"dkd: temperature must be > 0, got {temperature}.")
+        if warmup < 0:
+            raise ConfigError(f"dkd: warmup is a number of epochs >= 0, got {warmup}.")
+        self.alpha, self.beta, self.temperature, self.warmup = alpha, beta, temperature, warmup
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: TeacherLogits,
+                targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.warmup and self.epoch is None:
+            raise ConfigError(
+                "dkd: the warm-up needs the epoch; call distiller.set_epoch(epoch) at the start of each "
+                "epoch (the featkd trainer does), or set warmup=0."
+            )
+        ramp = min(self.epoch / self.warmup, 1.0) if self.warmup else 1.0
+        t = self.temperature
+        log_p_s = F.log_softmax(full_precision(student_logits) / t, dim=1)
+        log_p_t = ensemble_log_probs(teacher_logits, t)
+        target_mask = F.one_hot(targets, log_p_s.shape[1]).bool()
+        tckd = F.kl_div(_binary_log_probs(log_p_s, target_mask), _binary_log_probs(log_p_t, target_mask),
+                        reduction="batchmean", log_target=True)
+        nckd = F.kl_div(_non_target_log_probs(log_p_s, target_mask), _non_target_log_probs(log_p_t, target_mask),
+                        reduction="batchmean", log_target=True)
+        scale = ramp * t * t
+        return {"tckd": scale * self.alpha * tckd, "nckd": scale * self.beta * nckd}
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, warmup={self.warmup}"
+
+
+def _binary_log_probs(log_p: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """(log p_gt, log(1 - p_gt)) per row, from log-probabilities, without cancellation."""
+    log_target = log_p.masked_fill(~target_mask, float("-inf")).logsumexp(1)
+    log_rest = log_p.masked_fill(target_mask, float("-inf")).logsumexp(1)
+    return torch.stack([log_target, log_rest], dim=1)
+
+
+def _non_target_log_probs(log_p: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """log softmax over the non-target classes only; the target column is dropped."""
+    rest = log_p[~target_mask].view(len(log_p), -1)
+    return rest - rest.logsumexp(1, keepdim=True)
+
+
+@LOSSES.register("dist")
+class DISTLoss(DistillLoss):
+    """DIST (Huang et al. 2022): match relations of predictions, not their exact values.
+
+    With p = softmax(z / T) over a batch (B x C): L = T^2 * (beta * (1 - mean_i rho(p_s[i], p_t[i]))
+    + gamma * (1 - mean_c rho(p_s[:, c], p_t[:, c]))), rho the Pearson correlation: the
+    inter-class relation per sample and the intra-class relation per class. The paper uses
+    T = 1 on ImageNet; its CIFAR setting is T = 4 with term weight 2.
+    """
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"dist: temperature must be > 0, got {temperature}.")
+        self.beta, self.gamma, self.temperature = beta, gamma, temperature
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: TeacherLogits,
+                targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        t = self.temperature
+        p_s = F.softmax(full_precision(student_logits) / t, dim=1)
+        p_t = ensemble_log_probs(teacher_logits, t).exp()
+        inter = 1 - _pearson(p_s, p_t).mean()
+        intra = 1 - _pearson(p_s.t(), p_t.t()).mean()
+        return {"inter": t * t * self.beta * inter, "intra": t * t * self.gamma * intra}
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}"
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of a with the same row of b."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -9,8 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from featkd.errors import ConfigError
 from featkd.losses.base import LOSSES, DistillLoss, full_precision
 
-#: Elements of one (anchors, B, B) block in the chunked angle computation (16 MB in fp32).
-ANGLE_BLOCK_ELEMENTS = 1 << 22
+ANGLE_BLOCK_ELEMENTS = 1 << 20  # elements of one (anchors, B, B) block in the chunked angle (4 MB in fp32)
 
 
 def centered_gram(x: torch.Tensor) -> torch.Tensor:
@@ -125,3 +126,91 @@ class RKDLoss(DistillLoss):
 
     def extra_repr(self) -> str:
         return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
+
+
+@LOSSES.register("sp")
+class SimilarityPreserving(DistillLoss):
+    """Similarity-preserving KD (Tung & Mori 2019): match the batch's pairwise similarities.
+
+    With F the (B, D) flattened features, G = row-normalize(F F^T);
+    L = ||G_s - G_t||_F^2 / B^2, per layer pair. Any feature shapes (no adapter needed).
+    """
+
+    consumes = "features"
+    default_weight = 3000.0
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        def similarity(x: torch.Tensor) -> torch.Tensor:
+            x = full_precision(x.flatten(1))
+            return F.normalize(x @ x.t(), dim=1)
+
+        with torch.no_grad():
+            g_t = similarity(teacher.detach())
+        g_s = similarity(student)
+        return (g_s - g_t).pow(2).sum() / len(g_s) ** 2
+
+
+@LOSSES.register("cc")
+class CorrelationCongruence(DistillLoss):
+    """Correlation congruence (Peng et al. 2019): match the correlation between embeddings.
+
+    Embeddings are L2-normalized and compared with a Gaussian RBF kernel in its order-P Taylor
+    form, k(x, y) = sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! (x . y)^p;
+    L = ||K_s - K_t||_F^2 / B^2.
+    """
+
+    consumes = "features"
+    default_weight = 0.02
+
+    def __init__(self, gamma: float = 0.4, order: int = 2) -> None:
+        super().__init__()
+        if gamma <= 0 or order < 0:
+            raise ConfigError(f"cc: gamma must be > 0 and order >= 0, got {gamma} and {order}.")
+        self.gamma, self.order = gamma, order
+
+    def correlation(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(full_precision(x.flatten(1)), dim=1)
+        dots = x @ x.t()
+        coefficients = [math.exp(-2 * self.gamma) * (2 * self.gamma) ** p / math.factorial(p) for p in range(self.order + 1)]
+        out = torch.full_like(dots, coefficients[0])
+        power = torch.ones_like(dots)
+        for c in coefficients[1:]:
+            power = power * dots
+            out = out + c * power
+        return out
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            k_t = self.correlation(teacher.detach())
+        k_s = self.correlation(student)
+        return (k_s - k_t).pow(2).sum() / len(k_s) ** 2
+
+
+@LOSSES.register("pkt")
+class ProbabilisticKT(DistillLoss):
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018): match the distributions the
+    embeddings induce over the batch.
+
+    Cosine similarities mapped to [0, 1], (cos + 1) / 2, are normalized per row into
+    conditional probabilities p_{j|i}; L = mean_{i,j} p^t_{j|i} log((p^t_{j|i} + eps) /
+    (p^s_{j|i} + eps)), a KL divergence averaged over the B x B entries.
+    """
+
+    consumes = "features"
+    default_weight = 30000.0
+
+    def __init__(self, eps: float = 1e-7) -> None:
+        super().__init__()
+        self.eps = eps
+
+    @staticmethod
+    def conditional(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(full_precision(x.flatten(1)), dim=1)
+        similarity = (x @ x.t() + 1.0) / 2.0
+        return similarity / similarity.sum(1, keepdim=True)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            p_t = self.conditional(teacher.detach())
+        p_s = self.conditional(student)
+        return (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()

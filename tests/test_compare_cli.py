@@ -114,3 +114,13 @@ def test_list_and_config_commands(capsys):
     assert all(kind + ":" in out for kind in ["losses", "adapters", "models", "datasets", "optimizers", "schedulers"])
     assert main(["config", "quickstart", "loss.kd.temperature=2"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["loss"]["kd"]["temperature"] == 2
+
+
+def test_bench_rkd_angle_prints_and_writes_numbers(tmp_path, capsys):
+    out = tmp_path / "rkd.json"
+    assert main(["bench", "rkd-angle", "--batch", "24", "--dim", "8", "--repeats", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "naive" in printed and "gram / naive" in printed
+    data = json.loads(out.read_text())
+    assert [r["form"] for r in data["results"]] == ["naive", "gram"]
+    assert all(r["seconds"] > 0 for r in data["results"]) and "torch" in data["machine"]

@@ -14,7 +14,7 @@ from featkd.trainer import load_teacher, train
 
 FAST = ["teacher.train.epochs=2", "train.epochs=2", "progress=false"]
 ALL_TERMS = [
-    "loss.fitnet.student=layer2", "loss.fitnet.teacher=layer3",
+    "loss.fitnet.student=layer2", "loss.fitnet.teacher=layer3", "loss.fitnet.pretrain.epochs=1",
     "loss.at.student=layer*", "loss.at.teacher=layer*",
     "loss.rkd.student=fc:in", "loss.rkd.teacher=fc:in",
 ]
@@ -34,7 +34,9 @@ def test_quickstart_trains_end_to_end_and_writes_a_complete_run_folder(tmp_path)
     assert (run / "config.yaml").is_file()
     assert load_config(run / "config.yaml").to_dict() == quick(tmp_path, *ALL_TERMS).to_dict()
     records = read_jsonl(run / "metrics.jsonl")
-    assert [(r["stage"], r["epoch"]) for r in records] == [("teacher", 1), ("teacher", 2), ("distill", 1), ("distill", 2)]
+    assert [(r["stage"], r["epoch"]) for r in records] == [
+        ("teacher", 1), ("teacher", 2), ("pretrain-fitnet", 1), ("distill", 1), ("distill", 2)]
+    assert "train/loss/fitnet/pretrain" in records[2]
     last = records[-1]
     for key in ["train/loss", "train/loss/ce", "train/loss/kd", "train/loss/fitnet", "train/loss/at", "train/loss/rkd",
                 "train/raw/at/layer1", "train/raw/rkd/angle", "test/acc", "test/best_acc", "lr"]:
@@ -48,7 +50,8 @@ def test_quickstart_trains_end_to_end_and_writes_a_complete_run_folder(tmp_path)
 
 
 def test_checkpoints_hold_what_resuming_and_export_need(tmp_path):
-    result = train(quick(tmp_path, "loss.fitnet.student=layer2", "loss.fitnet.teacher=layer3"))
+    result = train(quick(tmp_path, "loss.fitnet.student=layer2", "loss.fitnet.teacher=layer3",
+                         "loss.fitnet.pretrain.epochs=0"))
     last = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
     best = load_checkpoint(result.run_dir / "checkpoints" / "best.pt")
     assert last["epoch"] == 2 and best["epoch"] == result.student.best_epoch
@@ -157,14 +160,14 @@ def test_wandb_gets_the_flat_config_grouping_and_every_term(tmp_path, monkeypatc
     config = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", *FAST, *ALL_TERMS,
                                                      "logger.tags=[ablation]", "logger.project=kd-study"])
     result = train(config)
-    assert [r.init["job_type"] for r in runs] == ["teacher", "distill"]
+    assert [r.init["job_type"] for r in runs] == ["teacher", "pretrain-fitnet", "distill"]
     for run in runs:
         assert run.init["project"] == "kd-study" and run.init["mode"] == "offline"
         assert run.init["group"] == result.run_dir.name and run.init["tags"] == ["ablation"]
         assert run.init["dir"] == str(result.run_dir)
         assert run.init["config"]["loss.kd.temperature"] == 4 and run.init["config"]["train.epochs"] == 2
         assert run.finished
-    distill = runs[1]
+    distill = runs[2]
     keys = set().union(*(m for m, _ in distill.logged))
     assert {"train/loss/kd", "train/loss/fitnet", "train/loss/at", "train/loss/rkd", "train/raw/rkd/distance",
             "test/acc", "lr", "epoch"} <= keys

@@ -1,0 +1,162 @@
+"""Every registered loss wired through the Distiller on real models: gradients, stages, set-up errors."""
+
+import copy
+
+import pytest
+import torch
+
+from featkd import Distiller, Term
+from featkd.data import build_data
+from featkd.errors import ConfigError
+from featkd.losses import LOSSES
+from featkd.models import build_model
+
+# feature names for each loss on the built-in CNNs (None: a logit loss)
+SPECS = {
+    "ce": None, "kd": None, "logit_mse": None, "dist": None, "dkd": None,
+    "fitnet": ("layer2", "layer2", {}),
+    "at": ("layer*", "layer*", {}),
+    "nst": ("layer*", "layer*", {}),
+    "vid": ("layer[23]", "layer[23]", {}),
+    "ft": ("layer3", "layer3", {}),
+    "ab": ("layer*.0.bn", "layer*.0.bn", {}),
+    "fsp": ("layer[12]", "layer[12]", {"adapter": "auto"}),
+    "sp": ("layer3", "layer3", {}),
+    "rkd": ("fc:in", "fc:in", {}),
+    "cc": ("fc:in", "fc:in", {}),
+    "pkt": ("fc:in", "fc:in", {}),
+    "crd": ("fc:in", "fc:in", {"num_negatives": 64}),
+}
+
+
+def test_every_registered_loss_is_covered_here():
+    assert set(SPECS) == set(LOSSES.names())
+
+
+@pytest.fixture(scope="module")
+def data():
+    bundle = build_data("digits", {"augment": False})
+    return bundle
+
+
+def models():
+    torch.manual_seed(0)
+    teacher = build_model("cnn", 10, (1, 8, 8), {"widths": (8, 16, 32)})
+    student = build_model("cnn", 10, (1, 8, 8), {"widths": (4, 8, 16)})
+    return teacher, student
+
+
+def term_for(name: str) -> Term:
+    spec = SPECS[name]
+    weight = 1.0  # weights of 0 (AB, FSP) would skip the term
+    if spec is None:
+        return Term(name, weight, **({"warmup": 0} if name == "dkd" else {}))
+    student, teacher, extra = spec
+    return Term(name, weight, student=student, teacher=teacher, **extra)
+
+
+def batch(data, distiller: Distiller, size: int = 16):
+    train = distiller.prepare_data(data.train)
+    loader = torch.utils.data.DataLoader(train, batch_size=size)
+    x, y, *rest = next(iter(loader))
+    return x, y, (rest[0] if rest else {})
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_each_loss_trains_the_student_and_its_own_parts_never_the_teacher(name, data):
+    teacher, student = models()
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    x0 = data.train.inputs[:16]
+    distiller = Distiller(teacher, student, [term_for(name)], example_input=x0)
+    x, y, extras = batch(data, distiller)
+    distiller.train()
+    out = distiller(x, y, **extras)
+    assert torch.isfinite(out.loss) and out.loss.item() != 0.0
+    out.loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    own = list(distiller.losses[name].parameters()) + list(distiller.adapters.parameters())
+    if name == "ft":  # the paraphraser is trained in its own stage, not here
+        own = list(distiller.losses[name].translator.parameters())
+    assert all(p.grad is not None for p in own)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["fitnet", "ft", "ab", "fsp"])
+def test_pretraining_stages_train_what_they_declare(name, data):
+    teacher, student = models()
+    x0 = data.train.inputs[:16]
+    distiller = Distiller(teacher, student, [term_for(name)], example_input=x0)
+    assert [n for n, _ in distiller.pretrain_stages()] == [name]
+    stage = LOSSES.get(name).pretrain
+    params = distiller.pretrain_parameters(name)
+    ids = {id(p) for p in params}
+    student_ids = {id(p) for p in student.parameters()}
+    assert ("student" in stage.trains) == bool(ids & student_ids)
+    if "adapters" in stage.trains and name in distiller.adapters:
+        assert {id(p) for p in distiller.adapters[name].parameters()} <= ids
+    x, y, extras = batch(data, distiller)
+    bn_before = student.layer1[0].bn.running_mean.clone()
+    distiller.train()
+    with distiller.pretraining(name):
+        out = distiller(x, y, **extras)
+    assert list(out.losses) == [f"{name}/pretrain"]
+    out.loss.backward()
+    non_student = [p for p in params if id(p) not in student_ids]
+    assert all(p.grad is not None for p in non_student)  # adapters, paraphraser
+    if not stage.uses_student:  # FT: the student does not even run
+        assert torch.equal(student.layer1[0].bn.running_mean, bn_before)
+        assert all(p.grad is None for p in student.parameters())
+    else:  # the layers up to the matched ones learn; the classifier gets no gradient
+        assert student.layer1[0].conv.weight.grad is not None
+        assert student.fc.weight.grad is None
+    # back to normal distillation outside the block
+    assert list(distiller(x, y, **extras).losses) == [name]
+
+
+def test_fsp_with_unequal_channels_and_no_adapter_stops_at_set_up(data):
+    teacher, student = models()
+    with pytest.raises(ConfigError, match="adapter: auto"):
+        Distiller(teacher, student, [Term("fsp", 1.0, student="layer[12]", teacher="layer[12]")],
+                  example_input=data.train.inputs[:4])
+
+
+def test_crd_without_sample_indices_says_how_to_supply_them(data):
+    teacher, student = models()
+    distiller = Distiller(teacher, student, [Term("crd", student="fc:in", teacher="fc:in")],
+                          example_input=data.train.inputs[:4])
+    x, y = data.train.inputs[:8], data.train.targets[:8]
+    with pytest.raises(ConfigError, match=r"needs 'index' in every batch.*prepare_data"):
+        distiller(x, y)
+    with pytest.raises(ConfigError, match="prepare_data"):
+        distiller(x, y, index=torch.arange(8))
+
+
+def test_learnable_parts_need_probed_shapes(data):
+    teacher, student = models()
+    with pytest.raises(ConfigError, match="example_input"):
+        Distiller(teacher, student, [Term("vid", student="layer2", teacher="layer2")])
+
+
+def test_epochs_reach_the_losses(data):
+    teacher, student = models()
+    distiller = Distiller(teacher, student, [Term("dkd", warmup=10)])
+    distiller.set_epoch(5)
+    x, y = data.train.inputs[:8], data.train.targets[:8]
+    half = distiller(x, y).losses["dkd"]
+    distiller.set_epoch(10)
+    full = distiller(x, y).losses["dkd"]
+    assert half.item() == pytest.approx(full.item() / 2, rel=1e-5)
+
+
+def test_unused_features_are_not_kept(data):
+    teacher, student = models()
+    distiller = Distiller(teacher, student, [Term("ce"), Term("ab", student="layer1.0.bn", teacher="layer1.0.bn")],
+                          example_input=data.train.inputs[:4])
+    # AB has weight 0 in distillation: the teacher need not run and nothing is captured
+    calls = []
+    handle = teacher.register_forward_hook(lambda *a: calls.append(1))
+    out = distiller(data.train.inputs[:8], data.train.targets[:8])
+    handle.remove()
+    assert list(out.losses) == ["ce"] and not calls
