@@ -220,3 +220,15 @@ def test_every_loss_is_registered_with_a_description():
     for name in ["ce", "kd", "fitnet", "at", "rkd"]:
         assert name in LOSSES
         assert LOSSES.describe(name)
+
+
+def test_rkd_angle_is_exact_at_benchmark_like_sizes():
+    torch.manual_seed(1)
+    s, t = torch.randn(128, 256), torch.randn(128, 512)
+
+    def naive(x):
+        e = torch.nn.functional.normalize(x.unsqueeze(0) - x.unsqueeze(1), dim=2)
+        return torch.bmm(e, e.transpose(1, 2))
+
+    expected = torch.nn.functional.smooth_l1_loss(naive(s), naive(t))
+    assert abs(rkd_angle(s, t).item() - expected.item()) < 1e-5
