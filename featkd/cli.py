@@ -1,7 +1,9 @@
 """The `featkd` command line.
 
     featkd quickstart                         compare KD, FitNets, AT, RKD on digits (3 seeds)
-    featkd train CONFIG [key=value ...]       one run from a YAML config
+    featkd train CONFIG [key=value ...]       one run from a YAML config (--resume RUN_DIR continues one)
+    featkd eval CHECKPOINT                    top-1 of a trained model on its test set
+    featkd sweep CONFIG --grid k=v1,v2 ...    a grid of overrides x seeds -> results table
     featkd compare FILE [key=value ...]       variants x seeds -> results table
     featkd inspect MODEL                      hookable module names with their shapes
     featkd list [losses|models|...]           what the registries hold
@@ -26,18 +28,34 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featkd", description="Feature- and relation-based knowledge distillation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="run one experiment from a YAML config")
-    p.add_argument("config", help="path to a YAML config, or the name of a shipped one (quickstart)")
+    p = sub.add_parser("train", help="run one experiment from a YAML config (or resume one)")
+    p.add_argument("config", nargs="?", help="path to a YAML config, or the name of a shipped one (quickstart)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.kd.temperature=2 logger=none")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+
+    p = sub.add_parser("eval", help="top-1 of a trained model's checkpoint on its test set")
+    p.add_argument("checkpoint", help="a checkpoint of a featkd run (e.g. runs/<run>/checkpoints/best.pt)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("sweep", help="run a grid of overrides over a config (seeds as replicates)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="overrides applied to every point of the grid")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="an axis of the grid; `seed` is the replicate axis (repeatable)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes (default 1)")
+    p.add_argument("--name", help="the sweep's name (folder and W&B group)")
+    p.add_argument("--wandb-sweep", metavar="FILE", help="write a W&B sweep YAML for the grid instead of running it")
 
     p = sub.add_parser("compare", help="run the variants of a comparison file over seeds; print a table")
     p.add_argument("file", help="comparison YAML (base config, seeds, variants)")
     p.add_argument("overrides", nargs="*", help="overrides applied to the base config of every variant")
     p.add_argument("--seeds", help="comma-separated seeds, replacing the file's list")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes (default 1)")
 
     p = sub.add_parser("quickstart", help="distil a CNN on digits with KD, FitNets, AT and RKD vs the student alone")
     p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. train.epochs=5")
     p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes (default 1)")
 
     p = sub.add_parser("inspect", help="list a model's hookable module names with their shapes")
     p.add_argument("model", help="built-in name, timm:<name> or torchvision:<name>")
@@ -76,17 +94,58 @@ def _seeds(text: str | None) -> list[int] | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from featkd.config import load_config
-    from featkd.trainer import summary_lines, train
+    from featkd.errors import ConfigError
+    from featkd.trainer import resume_config, summary_lines, train
 
-    result = train(load_config(args.config, args.overrides))
-    print("\n".join(summary_lines(result)))
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None
+    if args.resume:
+        given = load_config(args.config, args.overrides) if args.config else None
+        if args.overrides and not args.config:
+            raise ConfigError("--resume continues a run with its own config; overrides need CONFIG as well.")
+        result = train(resume_config(args.resume, given), args.resume, resume=True)
+    else:
+        if not args.config:
+            raise ConfigError("featkd train needs a CONFIG (or --resume RUN_DIR).")
+        result = train(load_config(args.config, args.overrides))
+    from featkd import distributed
+
+    if distributed.rank() == 0:
+        print("\n".join(summary_lines(result)))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from featkd.trainer import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.device)
+    print(f"{result['checkpoint']}: {result['model']} ({result['params']:,} parameters), stage {result['stage']}, "
+          f"epoch {result['epoch']}")
+    print(f"test top-1 {result['acc']:.2f}%  cross-entropy {result['loss']:.4f}  on {result['samples']} samples")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from featkd.sweep import parse_grid, run_sweep, wandb_sweep_yaml
+
+    grid = parse_grid(args.grid)
+    if args.wandb_sweep:
+        from pathlib import Path
+
+        Path(args.wandb_sweep).write_text(wandb_sweep_yaml(args.config, grid, args.overrides, args.name))
+        print(f"wrote {args.wandb_sweep}; start it with `wandb sweep {args.wandb_sweep}` and `wandb agent <id>`")
+        return 0
+    result = run_sweep(args.config, grid, args.overrides, args.jobs, args.name)
+    print()
+    print(result.markdown())
+    print(f"\n{len(result.runs)} runs in {result.seconds:.0f}s; results in {result.folder}/results.md (.csv)")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace, file: str | None = None) -> int:
     from featkd.compare import run_comparison
 
-    result = run_comparison(file or args.file, args.overrides, _seeds(args.seeds))
+    result = run_comparison(file or args.file, args.overrides, _seeds(args.seeds), jobs=args.jobs)
     print()
     print(result.markdown())
     print(f"\n{len(result.rows)} runs in {result.seconds:.0f}s; results in {result.folder}/results.md (.csv, .json)")
@@ -170,10 +229,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("WANDB_SILENT", "true")
     args = _parser().parse_args(argv)
+    from featkd.engine import Interrupted, NonFiniteLoss
     from featkd.errors import FeatkdError
 
     handlers = {
         "train": cmd_train,
+        "eval": cmd_eval,
+        "sweep": cmd_sweep,
         "compare": cmd_compare,
         "quickstart": lambda a: cmd_compare(a, "quickstart_compare"),
         "inspect": cmd_inspect,
@@ -183,12 +245,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
+    except NonFiniteLoss as exc:
+        print(f"featkd: error: {exc}", file=sys.stderr)
+        return 3
     except FeatkdError as exc:
         print(f"featkd: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        run_dir = exc.checkpoint.parent.parent if exc.checkpoint else None
+        print(f"featkd: stopped by {signal_name(exc.signum)} in stage {exc.stage!r} (epoch {exc.epoch}, batch "
+              f"{exc.batch}); checkpoint written. Resume with: featkd train --resume {run_dir}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("featkd: interrupted", file=sys.stderr)
         return 130
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 if __name__ == "__main__":

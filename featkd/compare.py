@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import statistics
 import time
@@ -36,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from featkd.config import Config, apply_overrides, deep_merge, find_config, read_yaml, validate
 from featkd.errors import ConfigError
-from featkd.trainer import RunResult, train
+from featkd.trainer import train
 
 
 class ComparisonSpec(BaseModel):
@@ -141,45 +142,91 @@ def plan(spec: ComparisonSpec, spec_path: Path, overrides: Sequence[str] = ()) -
 
 
 def run_comparison(path: str | Path, overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
-                   progress: bool = True) -> ComparisonResult:
-    """Run every variant for every seed; write results.md / .csv / .json; return the table."""
+                   progress: bool = True, jobs: int = 1) -> ComparisonResult:
+    """Run every variant for every seed (`jobs` at a time); write results.md / .csv / .json."""
     spec, spec_path = load_spec(path)
     configs = plan(spec, spec_path, overrides)
     seeds = list(seeds) if seeds is not None else spec.seeds
-    first = next(iter(configs.values()))
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = Path(first.output_dir) / f"{slug(spec.name)}-{stamp}"
-    folder.mkdir(parents=True, exist_ok=False)
-    total = len(configs) * len(seeds)
-    rows: list[RunRow] = []
-    teacher_acc: list[float] = []
-    teacher_models: list[str] = []
+    folder = new_folder(next(iter(configs.values())).output_dir, spec.name)
     start = time.perf_counter()
-    for seed in seeds:  # seed-major, so a partial run still covers every variant
+    runs = run_grid(configs, seeds, folder, progress, jobs)
+    rows = [row for row, _ in runs]
+    teacher = next((result for _, result in runs if result["teacher_acc"]), None)
+    outcome = ComparisonResult(spec.name, folder, rows, summarize(rows, list(configs), spec.baseline),
+                               teacher["teacher_acc"] if teacher else [], teacher["teacher_models"] if teacher else [],
+                               spec.baseline, time.perf_counter() - start)
+    write_results(outcome)
+    return outcome
+
+
+def new_folder(output_dir: str, name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = Path(output_dir) / f"{slug(name)}-{stamp}"
+    n = 1
+    while folder.exists():
+        n += 1
+        folder = folder.with_name(f"{slug(name)}-{stamp}-{n}")
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _run_one(config_data: dict[str, Any], run_dir: str, threads: int | None) -> dict[str, Any]:
+    """One run in this process (or a worker process); plain data out, so it crosses processes."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = train(validate(config_data), Path(run_dir), verbose=False)
+    return {"student": asdict(result.student), "teacher_acc": result.teacher_acc,
+            "teacher_models": result.teacher_models}
+
+
+def run_grid(configs: dict[str, Config], seeds: Sequence[int], folder: Path, progress: bool = True,
+             jobs: int = 1) -> list[tuple[RunRow, dict[str, Any]]]:
+    """Train every (variant, seed), seed-major so a partial run still covers every variant.
+
+    Each run is named after its variant and grouped in W&B under the folder's name. With
+    `jobs` > 1, runs go to that many worker processes, sharing the CPU cores between them;
+    stages they share (teachers) are trained once, the others wait for the cache.
+    """
+    tasks = []
+    for seed in seeds:
         for name, config in configs.items():
             run_config = config.model_copy(update={
                 "seed": seed,
                 "name": slug(name),
-                "progress": progress and config.progress,
+                "progress": progress and config.progress and jobs == 1,
                 "logger": config.logger.model_copy(update={
                     "group": config.logger.group or folder.name,
                     "tags": [*config.logger.tags, f"variant:{name}", f"seed:{seed}"],
                 }),
             })
-            run_dir = folder / f"{slug(name)}-seed{seed}"
-            result: RunResult = train(run_config, run_dir, verbose=False)
-            if result.teacher_acc and not teacher_acc:
-                teacher_acc = result.teacher_acc
-                teacher_models = [t.model for t in config.teacher or []]
-            s = result.student
-            rows.append(RunRow(name, seed, s.last_acc, s.best_acc, s.best_epoch, s.seconds, str(run_dir)))
-            if progress:
-                print(f"[{len(rows)}/{total}] {name} seed {seed}: top-1 last {s.last_acc:.2f}% "
-                      f"best {s.best_acc:.2f}% ({s.seconds:.1f}s)", flush=True)
-    outcome = ComparisonResult(spec.name, folder, rows, summarize(rows, list(configs), spec.baseline),
-                               teacher_acc, teacher_models, spec.baseline, time.perf_counter() - start)
-    write_results(outcome)
-    return outcome
+            tasks.append((name, seed, run_config.to_dict(), str(folder / f"{slug(name)}-seed{seed}")))
+    results: dict[int, tuple[RunRow, dict[str, Any]]] = {}
+
+    def record(index: int, outcome: dict[str, Any]) -> None:
+        name, seed, _, run_dir = tasks[index]
+        s = outcome["student"]
+        row = RunRow(name, seed, s["last_acc"], s["best_acc"], s["best_epoch"], s["seconds"], run_dir)
+        results[index] = (row, outcome)
+        if progress:
+            print(f"[{len(results)}/{len(tasks)}] {name} seed {seed}: top-1 last {row.last_acc:.2f}% "
+                  f"best {row.best_acc:.2f}% ({row.seconds:.1f}s)", flush=True)
+
+    if jobs <= 1:
+        for index, (_, _, data, run_dir) in enumerate(tasks):
+            record(index, _run_one(data, run_dir, None))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, data, run_dir, threads): index
+                       for index, (_, _, data, run_dir) in enumerate(tasks)}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+    return [results[i] for i in range(len(tasks))]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -68,27 +68,29 @@ class SchedulerConfig(BaseModel):
 
 
 class TrainConfig(_Strict):
-    """How one model is trained: epochs, optimizer, schedule, clipping."""
+    """How one model is trained: epochs, optimizer, schedule, clipping, accumulation."""
 
     epochs: PositiveInt = 30
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     grad_clip: float | None = Field(default=None, gt=0)
+    accumulate: PositiveInt = 1
 
 
 class ModelConfig(_Strict):
-    """A model by registry name (`featkd list models`, `timm:<name>`, `torchvision:<name>`)."""
+    """A model by registry name (`featkd list models`, `timm:<name>`, `torchvision:<name>`),
+    with weights from a featkd `checkpoint` or a plain `pretrained` state-dict file if given."""
 
     model: str
     args: dict[str, Any] = Field(default_factory=dict)
     pretrained: str | None = None
+    checkpoint: str | None = None
     _expand = _shorthand("model")
 
 
 class TeacherConfig(ModelConfig):
     """A teacher: loaded from `checkpoint`, or trained first with `train` and `seed`."""
 
-    checkpoint: str | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
     seed: int = 0
     cache: bool = True
@@ -114,6 +116,7 @@ class TermConfig(BaseModel):
     teacher: str | list[str] | None = None
     adapter: str | None = None
     teacher_index: NonNegativeInt = 0
+    gather: bool = False
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     @property
@@ -149,8 +152,43 @@ class LoggerConfig(_Strict):
     _expand = _shorthand("name")
 
 
+def _live_terms(loss: dict[str, TermConfig | None]) -> dict[str, TermConfig]:
+    return {k: v for k, v in loss.items() if v is not None}
+
+
+class StageConfig(_Strict):
+    """One stage of an explicit multi-stage run: train `model` (a key of `models:`) with
+    `loss`, distilling from the models named in `teacher` (trained by earlier stages or
+    loaded from checkpoints). `freeze` / `unfreeze` are parameter-name globs of the trained
+    model, applied in that order for this stage only. A stage with `cache: true` is reused
+    from the cache when an identical one (same models, data, settings, seed) ran before."""
+
+    name: str
+    model: str
+    teacher: list[str] = Field(default_factory=list)
+    loss: dict[str, TermConfig | None] = Field(default_factory=lambda: {"ce": TermConfig()})
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    freeze: list[str] = Field(default_factory=list)
+    unfreeze: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    cache: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_list(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("teacher"), str):
+            value = {**value, "teacher": [value["teacher"]]}
+        return value
+
+    @property
+    def terms(self) -> dict[str, TermConfig]:
+        return _live_terms(self.loss)
+
+
 class Config(_Strict):
-    """One experiment."""
+    """One experiment: either `teacher` + `student` + `loss` + `train` (teachers are trained or
+    loaded, then the student is distilled), or `models` + `stages` for any chain of stages
+    (a teacher-assistant chain, fine-tuning, ...)."""
 
     name: str = "run"
     seed: int = 0
@@ -159,9 +197,13 @@ class Config(_Strict):
     plugins: list[str] = Field(default_factory=list)
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: list[TeacherConfig] | None = None
-    student: ModelConfig
+    student: ModelConfig | None = None
     loss: dict[str, TermConfig | None] = Field(default_factory=lambda: {"ce": TermConfig()})
     train: TrainConfig = Field(default_factory=TrainConfig)
+    models: dict[str, ModelConfig] | None = None
+    stages: list[StageConfig] | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    nonfinite: Literal["error", "skip"] = "error"
     logger: LoggerConfig = Field(default_factory=LoggerConfig)
     progress: bool = True
 
@@ -172,10 +214,26 @@ class Config(_Strict):
             value = {**value, "teacher": [value["teacher"]]}
         return value
 
+    @model_validator(mode="after")
+    def _one_form(self) -> Config:
+        sugar = {"teacher", "student", "loss", "train"} & self.model_fields_set
+        if self.stages is not None:
+            if sugar:
+                raise ValueError(f"a config with `stages:` describes models in `models:`; remove {sorted(sugar)}")
+            if not self.models:
+                raise ValueError("`stages:` needs the models they train in `models:`")
+            if not self.stages:
+                raise ValueError("`stages:` is empty")
+        elif self.student is None:
+            raise ValueError("give `student:` (and `teacher:`, `loss:`), or `models:` and `stages:`")
+        elif self.models is not None:
+            raise ValueError("`models:` goes with `stages:`; without stages, use `teacher:` and `student:`")
+        return self
+
     @property
     def terms(self) -> dict[str, TermConfig]:
-        """Loss terms, without the ones removed with null."""
-        return {k: v for k, v in self.loss.items() if v is not None}
+        """Loss terms of the distillation (the last stage), without the ones removed with null."""
+        return self.stages[-1].terms if self.stages else _live_terms(self.loss)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (what is saved as config.yaml and sent to W&B)."""
@@ -308,40 +366,86 @@ def validate(data: dict[str, Any]) -> Config:
 
 def check_semantics(config: Config) -> None:
     """Names that must exist in registries, and arguments their constructors must accept."""
-    from featkd.adapters import ADAPTERS
     from featkd.data import DATASETS
-    from featkd.losses import LOSSES
-    from featkd.models import check_model_name
-    from featkd.registry import check_arguments, import_plugins
+    from featkd.registry import import_plugins
 
     import_plugins(config.plugins)
-
-    def named(key: str, fn) -> Any:
-        try:
-            return fn()
-        except FeatkdError as exc:
-            message = str(exc)
-            raise ConfigError(message if message.startswith(key) else f"{key}: {message}") from None
-
     named("data.name", lambda: DATASETS.check_arguments(config.data.name, config.data.args, "data.args"))
-    named("student.model", lambda: check_model_name(config.student.model, config.student.args, "student.args"))
-    for i, teacher in enumerate(config.teacher or []):
-        key = "teacher" if len(config.teacher or []) == 1 else f"teacher.{i}"
-        named(f"{key}.model", lambda t=teacher, k=key: check_model_name(t.model, t.args, f"{k}.args"))
-        _check_training(named, f"{key}.train", teacher.train)
-    _check_training(named, "train", config.train)
-    terms = config.terms
+    if config.stages is None:
+        _check_model(config.student, "student")
+        for i, teacher in enumerate(config.teacher or []):
+            key = "teacher" if len(config.teacher or []) == 1 else f"teacher.{i}"
+            _check_model(teacher, key)
+            _check_training(f"{key}.train", teacher.train)
+        _check_training("train", config.train)
+        _check_loss("loss", config.loss, len(config.teacher or []), "set `teacher:`")
+    else:
+        _check_stages(config)
+    if not (config.device in ("auto", "cpu", "cuda", "mps") or config.device.startswith("cuda:")):
+        raise ConfigError(f"device: {config.device!r}; use auto, cpu, cuda, cuda:N or mps.")
+
+
+def named(key: str, fn: Any) -> Any:
+    """Run a check; a FeatkdError becomes a ConfigError that starts with the config key."""
+    try:
+        return fn()
+    except FeatkdError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(key) else f"{key}: {message}") from None
+
+
+def _check_model(spec: ModelConfig, key: str) -> None:
+    from featkd.models import check_model_name
+
+    named(f"{key}.model", lambda: check_model_name(spec.model, spec.args, f"{key}.args"))
+
+
+def _check_stages(config: Config) -> None:
+    models = config.models or {}
+    for key, spec in models.items():
+        _check_model(spec, f"models.{key}")
+    ready = {k for k, m in models.items() if m.checkpoint or m.pretrained}
+    seen: set[str] = set()
+    for i, stage in enumerate(config.stages or []):
+        key = f"stages.{i}"
+        if stage.name in seen:
+            raise ConfigError(f"{key}.name: two stages are named {stage.name!r}; stage names must be unique.")
+        seen.add(stage.name)
+        for field, names in (("model", [stage.model]), ("teacher", stage.teacher)):
+            for name in names:
+                if name not in models:
+                    raise ConfigError(f"{key}.{field}: no model {name!r} in `models:`.{did_you_mean(name, models)}")
+        for teacher in stage.teacher:
+            if teacher == stage.model:
+                raise ConfigError(f"{key}.teacher: stage {stage.name!r} cannot distil {teacher!r} into itself.")
+            if teacher not in ready:
+                raise ConfigError(
+                    f"{key}.teacher: {teacher!r} is neither trained by an earlier stage nor loaded from a "
+                    f"`checkpoint:`/`pretrained:` file, so it would teach untrained. Train it in a stage "
+                    f"before {stage.name!r} or give models.{teacher}.checkpoint."
+                )
+        _check_training(f"{key}.train", stage.train)
+        _check_loss(f"{key}.loss", stage.loss, len(stage.teacher), f"set {key}.teacher")
+        ready.add(stage.model)
+
+
+def _check_loss(key_prefix: str, loss: dict[str, TermConfig | None], n_teachers: int, how: str) -> None:
+    from featkd.adapters import ADAPTERS
+    from featkd.losses import LOSSES
+    from featkd.registry import check_arguments
+
+    terms = _live_terms(loss)
     if not terms:
-        raise ConfigError("loss: no terms left; keep at least one, e.g. loss.ce.weight=1.")
+        raise ConfigError(f"{key_prefix}: no terms left; keep at least one, e.g. {key_prefix}.ce.weight=1.")
     for name, term in terms.items():
-        key = f"loss.{name}"
+        key = f"{key_prefix}.{name}"
         loss_name = term.type or name
         cls = named(f"{key}.type" if term.type else key, lambda n=loss_name: LOSSES.get(n))
         named(key, lambda c=cls, t=term, k=key: check_arguments(c, t.params, k))
         if term.adapter is not None:
             named(f"{key}.adapter", lambda t=term: ADAPTERS.get(t.adapter))
-        if cls.needs_teacher and not config.teacher:
-            raise ConfigError(f"{key}: {loss_name!r} needs a teacher; set `teacher:` or remove it with {key}=null.")
+        if cls.needs_teacher and not n_teachers:
+            raise ConfigError(f"{key}: {loss_name!r} needs a teacher; {how} or remove it with {key}=null.")
         if cls.consumes == "features" and not (term.student and term.teacher):
             raise ConfigError(
                 f"{key}: {loss_name!r} compares features; set {key}.student and {key}.teacher to "
@@ -350,27 +454,28 @@ def check_semantics(config: Config) -> None:
         if term.pretrain != PretrainConfig() and cls.pretrain is None:
             raise ConfigError(f"{key}.pretrain: {loss_name!r} has no pre-training stage.")
         if term.pretrain.optimizer is not None:
-            _check_optimizer(named, f"{key}.pretrain", term.pretrain.optimizer)
-        _check_scheduler(named, f"{key}.pretrain", term.pretrain.scheduler)
-        if config.teacher and term.teacher_index >= len(config.teacher):
-            raise ConfigError(f"{key}.teacher_index: {term.teacher_index} but there are {len(config.teacher)} teacher(s).")
-    if not (config.device in ("auto", "cpu", "cuda", "mps") or config.device.startswith("cuda:")):
-        raise ConfigError(f"device: {config.device!r}; use auto, cpu, cuda, cuda:N or mps.")
+            _check_optimizer(f"{key}.pretrain", term.pretrain.optimizer)
+        _check_scheduler(f"{key}.pretrain", term.pretrain.scheduler)
+        if n_teachers and term.teacher_index >= n_teachers:
+            raise ConfigError(f"{key}.teacher_index: {term.teacher_index} but there are {n_teachers} teacher(s).")
+        if term.gather and not cls.relational:
+            raise ConfigError(f"{key}.gather: {loss_name!r} does not relate samples of a batch; gather is for "
+                              "relational losses (rkd, sp, cc, pkt, crd).")
 
 
-def _check_training(named, key: str, train: TrainConfig) -> None:
-    _check_optimizer(named, key, train.optimizer)
-    _check_scheduler(named, key, train.scheduler)
+def _check_training(key: str, train: TrainConfig) -> None:
+    _check_optimizer(key, train.optimizer)
+    _check_scheduler(key, train.scheduler)
 
 
-def _check_optimizer(named, key: str, optimizer: OptimizerConfig) -> None:
+def _check_optimizer(key: str, optimizer: OptimizerConfig) -> None:
     from featkd.optim import OPTIMIZERS
 
     named(f"{key}.optimizer", lambda: OPTIMIZERS.check_arguments(
         optimizer.name, optimizer.args, f"{key}.optimizer", injected=["params"]))
 
 
-def _check_scheduler(named, key: str, scheduler: SchedulerConfig) -> None:
+def _check_scheduler(key: str, scheduler: SchedulerConfig) -> None:
     from featkd.optim import SCHEDULERS
 
     named(f"{key}.scheduler", lambda: SCHEDULERS.check_arguments(
@@ -393,6 +498,8 @@ def _format_errors(exc: pydantic.ValidationError) -> str:
             )
         elif error["type"] == "missing":
             lines.append(f"{key}: required, but missing.")
+        elif error["type"] == "value_error":
+            lines.append(f"{key}: {error['msg'].removeprefix('Value error, ')}.")
         else:
             lines.append(f"{key}: {error['msg']} (got {error.get('input')!r}).")
     return "invalid config:\n  " + "\n  ".join(lines)

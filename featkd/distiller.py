@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from featkd import distributed
 from featkd.adapters import ADAPTERS, Layout, infer_layout
 from featkd.capture import FeatureCapture, StaleFeatureError, _call, resolve
 from featkd.errors import AdapterError, ConfigError, FeatkdError, did_you_mean
@@ -47,6 +48,8 @@ class Term:
             the loss's own default (`auto` for FitNets, none for AT and RKD).
         name: the term's name in logs and `out.losses`; default: the loss name.
         teacher_index: which teacher of an ensemble a feature term reads (default 0).
+        gather: in a multi-process (DDP) run, compute a relational loss over the global batch
+            gathered from every process, with gradients to each process's own samples.
         **params: the loss's hyper-parameters (e.g. `temperature=4`).
     """
 
@@ -60,6 +63,7 @@ class Term:
         adapter: str | None | object = _DEFAULT,
         name: str | None = None,
         teacher_index: int = 0,
+        gather: bool = False,
         **params: Any,
     ) -> None:
         if isinstance(loss, DistillLoss):
@@ -79,6 +83,9 @@ class Term:
         self.adapter = cls.default_adapter if adapter is _DEFAULT else adapter
         self.name = name or self.loss
         self.teacher_index = teacher_index
+        self.gather = gather
+        if gather and not cls.relational:
+            raise ConfigError(f"Term {self.name!r}: gather is for losses that relate samples of a batch.")
         self.params = params
 
     def __repr__(self) -> str:
@@ -398,6 +405,17 @@ class Distiller(nn.Module):
         ]
         teachers = [t_feats[p.teacher] for p in pairs]
         name = term.name + suffix
+        if term.gather and distributed.is_distributed():
+            students = [distributed.gather_with_local_grad(s) if s is not None else None for s in students]
+            teachers = [distributed.gather_with_local_grad(t) for t in teachers]
+            extras = {k: distributed.gather_with_local_grad(v) if isinstance(v, torch.Tensor) else v
+                      for k, v in extras.items()}
+            value = self._feature_value(term, objective, pairs, students, teachers, extras, parts, name)
+            return distributed.gradient_scale(value)
+        return self._feature_value(term, objective, pairs, students, teachers, extras, parts, name)
+
+    def _feature_value(self, term: Term, objective: Callable, pairs: list[_Pair], students: list, teachers: list,
+                       extras: dict[str, Any], parts: dict, name: str) -> torch.Tensor:
         if not term.module.pairwise:
             value = objective(students, teachers, **extras)
             if isinstance(value, (list, tuple)):  # one value per pair, logged under the pair's name

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from featkd.runtime import rank
+from featkd.distributed import rank
 
 
 class Logger(Protocol):
@@ -60,10 +61,13 @@ class WandbLogger:
     """A W&B run; `mode="offline"` writes it under the run folder for `wandb sync` later."""
 
     def __init__(self, run_dir: Path, name: str, config: dict[str, Any], *, project: str, entity: str | None,
-                 group: str | None, job_type: str | None, tags: list[str], mode: str) -> None:
+                 group: str | None, job_type: str | None, tags: list[str], mode: str,
+                 resume_id: str | None = None) -> None:
         import wandb
 
+        resume: dict[str, Any] = {"id": resume_id, "resume": "allow"} if resume_id else {}
         self.run = wandb.init(
+            **resume,
             project=project,
             entity=entity,
             group=group,
@@ -76,6 +80,10 @@ class WandbLogger:
             reinit="finish_previous",
             settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False),
         )
+
+    @property
+    def run_id(self) -> str | None:
+        return getattr(self.run, "id", None)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
@@ -94,6 +102,11 @@ class MultiLogger:
     def __init__(self, *loggers: Logger) -> None:
         self.loggers = loggers
 
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run's id, kept so that a resumed run continues the same W&B run."""
+        return next((getattr(lg, "run_id") for lg in self.loggers if getattr(lg, "run_id", None)), None)
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         for logger in self.loggers:
             logger.log(metrics, step)
@@ -107,16 +120,22 @@ class MultiLogger:
             logger.finish()
 
 
-def make_logger(settings: Any, run_dir: Path, stage: str, name: str, flat_config: dict[str, Any]) -> Logger:
-    """The loggers for one stage of a run, from the config's `logger:` section."""
+def make_logger(settings: Any, run_dir: Path, stage: str, name: str, flat_config: dict[str, Any],
+                resume_id: str | None = None, final: bool = True) -> Logger:
+    """The loggers for one stage of a run, from the config's `logger:` section.
+
+    Under a W&B sweep agent (WANDB_SWEEP_ID set) only the final stage is a W&B run: the agent
+    expects one run per trial.
+    """
     if rank() != 0:
         return NullLogger()
     loggers: list[Logger] = [JsonlLogger(run_dir, stage)]
-    if settings.name == "wandb" and settings.mode != "disabled":
+    in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
+    if settings.name == "wandb" and settings.mode != "disabled" and (final or not in_sweep):
         loggers.append(WandbLogger(
             run_dir, name, flat_config, project=settings.project, entity=settings.entity,
             group=settings.group, job_type=settings.job_type or stage, tags=list(settings.tags),
-            mode=settings.mode,
+            mode=settings.mode, resume_id=resume_id,
         ))
     return MultiLogger(*loggers)
 

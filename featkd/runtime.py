@@ -1,8 +1,7 @@
-"""Devices, seeds and process rank."""
+"""Devices and seeds."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -31,9 +30,3 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
-def rank() -> int:
-    """This process's rank in a distributed run (0 when not distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))

@@ -81,6 +81,8 @@ class DistillLoss(nn.Module):
     batch_keys: ClassVar[tuple[str, ...]] = ()
     #: A stage this method runs before distillation, or None.
     pretrain: ClassVar[PretrainStage | None] = None
+    #: Relates samples of a batch, so DDP runs may gather the global batch (`gather: true`).
+    relational: ClassVar[bool] = False
 
     epoch: int | None = None
 

@@ -62,6 +62,7 @@ class CRDLoss(DistillLoss):
     """
 
     consumes = "features"
+    relational = True
     default_weight = 0.8
     has_shape_dependent_parameters = True
     batch_keys = ("index",)

@@ -104,6 +104,7 @@ class RKDLoss(DistillLoss):
     """
 
     consumes = "features"
+    relational = True
     default_weight = 1.0
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, chunk_size: int | None = None) -> None:
@@ -137,6 +138,7 @@ class SimilarityPreserving(DistillLoss):
     """
 
     consumes = "features"
+    relational = True
     default_weight = 3000.0
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -160,6 +162,7 @@ class CorrelationCongruence(DistillLoss):
     """
 
     consumes = "features"
+    relational = True
     default_weight = 0.02
 
     def __init__(self, gamma: float = 0.4, order: int = 2) -> None:
@@ -197,6 +200,7 @@ class ProbabilisticKT(DistillLoss):
     """
 
     consumes = "features"
+    relational = True
     default_weight = 30000.0
 
     def __init__(self, eps: float = 1e-7) -> None:

@@ -10,7 +10,7 @@ import torch
 from featkd.checkpoint import load_checkpoint, save_checkpoint
 from featkd.config import load_config
 from featkd.errors import CheckpointError
-from featkd.trainer import load_teacher, train
+from featkd.trainer import load_model_checkpoint, train
 
 FAST = ["teacher.train.epochs=2", "train.epochs=2", "progress=false"]
 ALL_TERMS = [
@@ -91,10 +91,10 @@ def test_student_alone_needs_no_teacher(tmp_path):
 
 def test_a_teacher_checkpoint_is_loaded_and_checked_against_the_teacher_model(tmp_path):
     first = train(quick(tmp_path))
-    teacher_ckpt = first.run_dir / "checkpoints" / "teacher.pt"
+    teacher_ckpt = first.run_dir / "checkpoints" / "teacher-last.pt"
     result = train(quick(tmp_path, f"teacher.checkpoint={teacher_ckpt}"))
     assert result.teacher_acc == first.teacher_acc
-    with pytest.raises(CheckpointError, match="does not fit the teacher model 'cnn_small'"):
+    with pytest.raises(CheckpointError, match="does not fit the model 'cnn_small'"):
         train(quick(tmp_path, f"teacher.checkpoint={teacher_ckpt}", "teacher.model=cnn_small"))
 
 
@@ -191,13 +191,10 @@ def test_wandb_offline_run_is_written_without_network(tmp_path):
     assert b"test/acc" in data and b"train/loss/ce" in data and b"featkd" in data
 
 
-def test_load_teacher_rejects_a_checkpoint_of_another_model(tmp_path):
-    from featkd.config import TeacherConfig
-    from featkd.data import build_data
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     from featkd.models import build_model
 
-    bundle = build_data("digits")
     save_checkpoint(tmp_path / "t.pt", {"model": build_model("cnn_tiny", 10, (1, 8, 8)).state_dict(),
                                          "model_name": "cnn_tiny"})
     with pytest.raises(CheckpointError, match="saved from 'cnn_tiny'"):
-        load_teacher(TeacherConfig(model="cnn_large"), bundle, tmp_path / "t.pt")
+        load_model_checkpoint(build_model("cnn_large", 10, (1, 8, 8)), tmp_path / "t.pt", "cnn_large")
