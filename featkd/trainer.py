@@ -129,6 +129,12 @@ def load_model_checkpoint(model: nn.Module, path: str | Path, what: str) -> dict
     return payload
 
 
+def build_models(plan: Plan, bundle: DataBundle, seed: int, device: torch.device | str = "cpu") -> dict[str, nn.Module]:
+    """Every model of a plan, initialised from `seed` in the plan's order (so runs repeat)."""
+    seed_everything(seed)
+    return {key: build_from(spec, bundle).to(device) for key, spec in plan.models.items()}
+
+
 def _record(spec: ModelConfig, bundle: DataBundle) -> dict[str, Any]:
     return {"model_name": spec.model, "model_args": spec.args, "num_classes": bundle.num_classes,
             "input_shape": list(bundle.input_shape)}
@@ -214,7 +220,7 @@ class Run:
         self.state = RunState(run_dir)
         self.bundle = build_data(config.data.name, config.data.args)
         self.plan: Plan = plan_stages(config)
-        self.models = {key: build_from(spec, self.bundle).to(device) for key, spec in self.plan.models.items()}
+        self.models = build_models(self.plan, self.bundle, config.seed, device)
         self.results: dict[str, StageResult] = {}
 
     def say(self, message: str) -> None:
