@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -290,6 +292,10 @@ def fit(
             save_checkpoint(settings.checkpoints[kind], state)
         distributed.barrier()
 
+    quiet = warnings.catch_warnings()
+    quiet.__enter__()
+    # a skipped fp16 step (inf gradients) makes torch warn that the schedule stepped alone
+    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             distiller.train()
@@ -380,6 +386,7 @@ def fit(
                       f"({terms}){accuracy}", flush=True)
     finally:
         bar.close()
+        quiet.__exit__(None, None, None)
     last = settings.checkpoints.get("last")
     return StageResult(settings.name, best_acc, best_epoch, last_acc, cfg.epochs, time.perf_counter() - started,
                        str(last) if last else None, skipped)

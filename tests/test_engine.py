@@ -1,0 +1,115 @@
+"""The training loop's options: non-finite losses, mixed precision, accumulation, evaluation."""
+
+import json
+
+import pytest
+import torch
+
+from featkd.checkpoint import load_checkpoint
+from featkd.cli import main
+from featkd.config import load_config
+from featkd.engine import NonFiniteLoss
+from featkd.losses import RKDLoss
+from featkd.trainer import train
+
+QUICK = ["logger=none", "progress=false", "teacher.train.epochs=1", "train.epochs=2"]
+
+
+def quick(tmp_path, *extra):
+    return load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", *QUICK, *extra])
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+NAN = ["plugins=[featkd_test_plugins]", "loss.nan_after.steps=30", "train.epochs=3"]
+
+
+def test_a_non_finite_term_stops_the_run_naming_term_and_step_and_keeps_the_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLoss) as error:
+        train(quick(tmp_path, *NAN))
+    message = str(error.value)
+    assert "'nan_after'" in message and "optimizer step 31" in message and "epoch 2" in message
+    assert "nonfinite: skip" in message
+    run_dir = next(tmp_path.glob("quickstart-*"))
+    good = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert good["epoch"] == 1 and all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+
+
+def test_the_command_line_exits_non_zero_on_a_non_finite_loss(tmp_path, capsys):
+    code = main(["train", "configs/quickstart.yaml", f"output_dir={tmp_path}", *QUICK, *NAN])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "not finite" in err and "Traceback" not in err
+
+
+def test_non_finite_steps_can_be_skipped_instead(tmp_path):
+    result = train(quick(tmp_path, *NAN, "nonfinite=skip"))
+    assert result.student.skipped_steps == 3 * 22 - 30
+    last = metrics(result.run_dir)[-1]
+    assert last["train/skipped_steps"] == 3 * 22 - 30
+    weights = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu_like_full_precision(tmp_path, precision):
+    terms = ["loss.rkd.student=fc:in", "loss.rkd.teacher=fc:in", "teacher.cache=false"]
+    reduced = metrics(train(quick(tmp_path, f"precision={precision}", *terms)).run_dir)
+    full = metrics(train(quick(tmp_path, "precision=fp32", *terms)).run_dir)
+    for a, b in zip(reduced, full):
+        for key in ("train/loss/ce", "train/loss/kd", "train/loss/rkd"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=0.2), (a["stage"], key)
+
+
+def test_relational_losses_compute_in_fp32_under_autocast():
+    s, t = torch.randn(8, 4, dtype=torch.bfloat16), torch.randn(8, 6, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = RKDLoss()(s, t)
+    assert all(v.dtype == torch.float32 for v in parts.values())
+
+
+def test_accumulating_two_half_batches_equals_one_full_batch(tmp_path):
+    common = ["teacher=null", "loss.kd=null", "loss.ce.weight=1", "student.model=mlp", "train.epochs=1",
+              "data.args.augment=false", "train.optimizer.momentum=0", "train.optimizer.weight_decay=0"]
+    full = train(quick(tmp_path, *common, "data.batch_size=64"))
+    halves = train(quick(tmp_path, *common, "data.batch_size=32", "train.accumulate=2"))
+    a = load_checkpoint(full.run_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(halves.run_dir / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 22
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    result = train(quick(tmp_path, "teacher=null", "loss.kd=null", "loss.ce.weight=1", "train.grad_clip=0.001",
+                         "train.epochs=1", "train.optimizer.momentum=0", "train.optimizer.weight_decay=0",
+                         "train.scheduler=constant", "train.optimizer.lr=1.0"))
+    from featkd.data import build_data
+    from featkd.stages import plan_stages
+    from featkd.trainer import build_models
+
+    config = quick(tmp_path, "teacher=null", "loss.kd=null", "loss.ce.weight=1", "train.epochs=1")
+    initial = build_models(plan_stages(config), build_data("digits"), config.seed)["student"].state_dict()
+    final = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["model"]
+    moved = torch.cat([(final[k] - initial[k]).flatten() for k in initial if initial[k].is_floating_point()
+                       and "running" not in k])
+    assert moved.norm() <= 22 * 0.001 * 1.0 + 1e-6  # 22 steps of lr x at most the clip norm
+
+
+def test_eval_command_reproduces_the_runs_accuracy(tmp_path, capsys):
+    result = train(quick(tmp_path))
+    assert main(["eval", str(result.run_dir / "checkpoints" / "best.pt")]) == 0
+    out = capsys.readouterr().out
+    assert f"test top-1 {result.student.best_acc:.2f}%" in out and "cnn_tiny" in out
+    assert main(["eval", str(tmp_path / "nope.pt")]) == 2
+
+
+def test_the_summary_counts_parameters_and_multiply_adds(tmp_path, capsys):
+    assert main(["train", "configs/quickstart.yaml", f"output_dir={tmp_path}", *QUICK]) == 0
+    out = capsys.readouterr().out
+    assert "multiply-adds" in out and "agreement" in out
+    summary = json.loads(next(tmp_path.glob("quickstart-*/summary.json")).read_text())["run"]
+    assert summary["student_macs"] > 0 and summary["teacher_macs"][0] > 10 * summary["student_macs"]
