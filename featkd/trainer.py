@@ -305,8 +305,12 @@ class Run:
                 result = fit(distiller, train_loader, test_loader,
                              self.settings(stage.name, stage.train, True, stage.final, spec),
                              device, logger, resume=resume, stop=self.stop)
-                logger.summary({"best_acc": result.best_acc, "best_epoch": result.best_epoch,
-                                "last_acc": result.last_acc, "params": count_parameters(model)})
+                self.results[stage.name] = result
+                summary = {"best_acc": result.best_acc, "best_epoch": result.best_epoch,
+                           "last_acc": result.last_acc, "params": count_parameters(model)}
+                if stage.final:
+                    summary.update(self.summary(self.outcome()))
+                logger.summary(summary)
             finally:
                 logger.finish()
         self.state.update(stage.name, status="done", result=asdict(result))
@@ -353,6 +357,24 @@ class Run:
 
     # -- summary -------------------------------------------------------------------------
     def finish(self) -> RunResult:
+        outcome = self.outcome()
+        if distributed.rank() == 0:
+            path = self.run_dir / "summary.json"
+            existing = json.loads(path.read_text()) if path.exists() else {}
+            existing["run"] = {**self.summary(outcome), "stages": {k: asdict(v) for k, v in self.results.items()}}
+            path.write_text(json.dumps(existing, indent=2) + "\n")
+        return outcome
+
+    @staticmethod
+    def summary(outcome: RunResult) -> dict[str, Any]:
+        """Plain values of a run's outcome (summary.json and the final stage's W&B summary)."""
+        values = {k: v for k, v in asdict(outcome).items() if k not in ("run_dir", "student", "stages")}
+        values.update({"best_acc": outcome.student.best_acc, "best_epoch": outcome.student.best_epoch,
+                       "last_acc": outcome.student.last_acc})
+        return values
+
+    def outcome(self) -> RunResult:
+        """Accuracies, agreement, sizes and multiply-adds of the final stage's models."""
         final = self.plan.final
         student = self.models[final.model]
         teachers = [self.models[k] for k in final.teachers]
@@ -369,15 +391,6 @@ class Run:
             count_parameters(student), [count_parameters(t) for t in teachers],
             multiply_adds(student, shape, self.device), [multiply_adds(t, shape, self.device) for t in teachers],
             [self.plan.models[k].model for k in final.teachers])
-        if distributed.rank() == 0:
-            summary = {k: v for k, v in asdict(outcome).items() if k not in ("run_dir", "student", "stages")}
-            summary.update({"best_acc": outcome.student.best_acc, "best_epoch": outcome.student.best_epoch,
-                            "last_acc": outcome.student.last_acc,
-                            "stages": {k: asdict(v) for k, v in self.results.items()}})
-            path = self.run_dir / "summary.json"
-            existing = json.loads(path.read_text()) if path.exists() else {}
-            existing["run"] = summary
-            path.write_text(json.dumps(existing, indent=2) + "\n")
         return outcome
 
 

@@ -71,8 +71,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=300)
 
 
+FAST_CLI = ["train.epochs=1", "teacher.train.epochs=1", "logger=none", "progress=false"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["train", QUICKSTART, "trian.epochs=3"], "trian: unknown key. Did you mean 'train'?"),
+    (["train", QUICKSTART, "loss.kdd.weight=1"], "unknown loss 'kdd'. Did you mean 'kd'"),
+    (["train", QUICKSTART, "student.model=cnn_smal"], "unknown model 'cnn_smal'"),
+    (["train", QUICKSTART, "data.name=digts"], "unknown dataset 'digts'"),
+    (["train", QUICKSTART, "loss.fitnet.student=fc:in", "loss.fitnet.teacher=layer3", *FAST_CLI],
+     "no adapter maps a student vector (16,) to a teacher map (256, 2, 2)"),
+    (["train", QUICKSTART, "data=cifar10", "data.args.root=/nonexistent", "student.model=cnn_tiny", *FAST_CLI],
+     "featkd does not download data"),
+    (["train", QUICKSTART, "teacher.checkpoint=configs/quickstart.yaml", *FAST_CLI], "cannot read checkpoint"),
     (["train", QUICKSTART, "loss.at.student=layer9", "loss.at.teacher=layer3", "train.epochs=1",
       "teacher.train.epochs=1", "logger=none"], "no module 'layer9'"),
     (["train", "missing.yaml"], "not found"),
@@ -80,12 +91,21 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (["compare", QUICKSTART], "invalid comparison file"),
 ])
 def test_bad_input_exits_with_code_2_and_one_message(args, message, tmp_path):
-    if args[0] == "train" and len(args) > 3:
+    if args[0] == "train" and len(args) > 2:
         args = [*args, f"output_dir={tmp_path}"]
     proc = run_cli(*args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_teacher_checkpoint_of_another_model_exits_with_code_2(tmp_path, capsys):
+    assert main(["train", QUICKSTART, f"output_dir={tmp_path}", *FAST_CLI, "teacher=null", "loss.kd=null"]) == 0
+    student_checkpoint = next(tmp_path.glob("quickstart-*/checkpoints/last.pt"))
+    capsys.readouterr()
+    assert main(["train", QUICKSTART, f"output_dir={tmp_path}", *FAST_CLI,
+                 f"teacher.checkpoint={student_checkpoint}"]) == 2
+    assert "does not fit the model 'cnn_large'" in capsys.readouterr().err
 
 
 def test_train_command_prints_a_summary(tmp_path, capsys):

@@ -54,14 +54,32 @@ def test_non_finite_steps_can_be_skipped_instead(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains_on_cpu_like_full_precision(tmp_path, precision):
-    terms = ["loss.rkd.student=fc:in", "loss.rkd.teacher=fc:in", "teacher.cache=false"]
-    reduced = metrics(train(quick(tmp_path, f"precision={precision}", *terms)).run_dir)
-    full = metrics(train(quick(tmp_path, "precision=fp32", *terms)).run_dir)
-    for a, b in zip(reduced, full):
-        for key in ("train/loss/ce", "train/loss/kd", "train/loss/rkd"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], rel=0.2), (a["stage"], key)
+def test_mixed_precision_learns_like_full_precision(tmp_path, precision):
+    alone = ["teacher=null", "loss.kd=null", "loss.ce.weight=1", "train.epochs=3"]
+    reduced = train(quick(tmp_path, f"precision={precision}", *alone)).student.last_acc
+    full = train(quick(tmp_path, "precision=fp32", *alone)).student.last_acc
+    assert reduced > 40 and abs(reduced - full) < 10
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_distillation_stays_finite(tmp_path, precision):
+    result = train(quick(tmp_path, f"precision={precision}", "loss.rkd.student=fc:in", "loss.rkd.teacher=fc:in",
+                         "teacher.model=cnn_small", "data.args.train_fraction=0.4"))
+    assert all(v == v for r in metrics(result.run_dir) for k, v in r.items() if k.startswith("train/"))
+
+
+def test_under_autocast_models_run_in_low_precision_and_losses_in_fp32():
+    from featkd import Distiller, Term
+    from featkd.models import build_model
+
+    teacher, student = build_model("cnn_small", 10, (1, 8, 8)), build_model("cnn_tiny", 10, (1, 8, 8))
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    distiller = Distiller(teacher, student, [Term("ce"), Term("kd"), Term("rkd", student="fc:in", teacher="fc:in")],
+                          example_input=x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = distiller(x, y)
+    assert out.logits.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in out.losses.values())
 
 
 def test_relational_losses_compute_in_fp32_under_autocast():

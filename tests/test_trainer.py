@@ -174,6 +174,8 @@ def test_wandb_gets_the_flat_config_grouping_and_every_term(tmp_path, monkeypatc
     steps = [s for _, s in distill.logged]
     assert steps == sorted(steps) and len(steps) == 2
     assert distill.summary["last_acc"] == pytest.approx(result.student.last_acc)
+    assert distill.summary["agreement"] == pytest.approx(result.agreement)
+    assert distill.summary["student_macs"] == result.student_macs > 0
 
 
 def test_wandb_offline_run_is_written_without_network(tmp_path):
