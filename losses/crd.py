@@ -18,6 +18,56 @@ from featkd.errors import ConfigError
 from featkd.losses.base import LOSSES, DistillLoss, full_precision
 
 
+#: Negatives per block in the shared-negative NCE: bounds the (B, block) temporaries.
+NEGATIVE_BLOCK = 2048
+
+
+class _SharedNCE(torch.autograd.Function):
+    """NCE of anchors against K negatives shared by the batch, in blocks of negatives.
+
+    loss = (1/B) sum_i [softplus(log c_i - s_i0 + log Z) + sum_j keep_ij softplus(s_ij - log Z - log c_i)]
+    with s = anchor . bank[row] / T, c_i = (kept negatives of row i) / n. This equals the NCE
+    loss -[log h+/(h+ + c) + sum log c/(h- + c)] with h = exp(s) / Z. Forward keeps only the
+    (B, K) gradient weights sigmoid(.) for backward, which gathers the bank rows again: that is
+    why CRDLoss defers its memory update to its next forward.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, bank, positives, negatives, keep, log_z, temperature):  # type: ignore[override]
+        log_c = torch.log(keep.sum(1) / len(bank))
+        pos = bank.index_select(0, positives)
+        z0 = log_c + log_z - (anchor * pos).sum(1) / temperature
+        sig0 = torch.sigmoid(z0)
+        total = _softplus(z0, sig0).sum()
+        shift = -(log_z + log_c)[:, None]
+        weights = torch.empty_like(keep)
+        for start in range(0, len(negatives), NEGATIVE_BLOCK):
+            block = slice(start, start + NEGATIVE_BLOCK)
+            z = torch.addmm(shift, anchor, bank.index_select(0, negatives[block]).t(), alpha=1.0 / temperature)
+            sig = torch.sigmoid(z)
+            total = total + torch.dot(_softplus(z, sig).flatten(), keep[:, block].flatten())
+            torch.mul(sig, keep[:, block], out=weights[:, block])
+        ctx.save_for_backward(pos, sig0, bank, negatives, weights)
+        ctx.temperature = temperature
+        return total / len(anchor)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        pos, sig0, bank, negatives, weights = ctx.saved_tensors
+        scale = grad / (len(pos) * ctx.temperature)
+        grad_anchor = -sig0[:, None] * pos
+        for start in range(0, len(negatives), NEGATIVE_BLOCK):
+            block = slice(start, start + NEGATIVE_BLOCK)
+            grad_anchor = torch.addmm(grad_anchor, weights[:, block], bank.index_select(0, negatives[block]))
+        return grad_anchor * scale, None, None, None, None, None, None
+
+
+def _softplus(z: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(z)) from z and sigmoid(z): max(z, 0) - log(sigmoid(|z|)), stable for any z,
+    and several times faster than F.softplus on CPU."""
+    return z.clamp_min(0) - torch.where(z >= 0, sig, 1 - sig).log()
+
+
 class WithIndex(Dataset):
     """A dataset whose items also carry their index: (x, y) -> (x, y, {"index": i})."""
 
@@ -59,6 +109,12 @@ class CRDLoss(DistillLoss):
     term is the sum of the two sides (teacher anchors against the student bank and student
     anchors against the teacher bank). Banks are updated with momentum after each step.
     Negatives are drawn on the device each step (with replacement), never in the data loader.
+
+    By default the K negatives are drawn once per batch and shared by its samples (each row
+    ignoring its own class), which needs one (K, dim) gather and a matrix product instead of a
+    (B, K, dim) gather: every positive still meets K noise samples from the same distribution,
+    at a fraction of the memory traffic. `share_negatives=False` draws K per sample, as the
+    paper's code does.
     """
 
     consumes = "features"
@@ -68,16 +124,20 @@ class CRDLoss(DistillLoss):
     batch_keys = ("index",)
 
     def __init__(self, feat_dim: int = 128, num_negatives: int = 16384, temperature: float = 0.07,
-                 momentum: float = 0.5, negatives: Literal["other_class", "any"] = "other_class") -> None:
+                 momentum: float = 0.5, negatives: Literal["other_class", "any"] = "other_class",
+                 share_negatives: bool = True) -> None:
         super().__init__()
         if feat_dim < 1 or num_negatives < 1 or temperature <= 0 or not 0 <= momentum < 1:
             raise ConfigError("crd: feat_dim and num_negatives must be >= 1, temperature > 0, 0 <= momentum < 1.")
         self.feat_dim, self.num_negatives = feat_dim, num_negatives
         self.temperature, self.momentum, self.negatives = temperature, momentum, negatives
+        self.share_negatives = share_negatives
         self.embed_student: nn.Linear | None = None
         self.embed_teacher: nn.Linear | None = None
         self.num_samples = 0
         self._normalizers_set = False  # mirrors `normalizers >= 0` without a device sync per step
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush_memory_update())
 
     def bind(self, student_shapes, teacher_shapes) -> None:
         if len(student_shapes) != 1:
@@ -105,11 +165,12 @@ class CRDLoss(DistillLoss):
         self.register_buffer("class_count", counts.to(device))
         self.register_buffer("normalizers", torch.full((2,), -1.0, device=device))
         self._normalizers_set = False
+        self._pending = None
         self.num_samples = n
         return WithIndex(dataset)
 
     def sample_negatives(self, index: torch.Tensor) -> torch.Tensor:
-        """(B, K) indices of negatives for the samples `index`, drawn on the device."""
+        """(B, K) indices of negatives for each sample of `index`, drawn on the device."""
         k, n = self.num_negatives, self.num_samples
         if self.negatives == "other_class":
             label = self.labels[index]
@@ -122,12 +183,21 @@ class CRDLoss(DistillLoss):
         drawn = torch.randint(0, n - 1, (len(index), k), device=index.device)
         return drawn + (drawn >= index[:, None]).long()
 
-    def _nce(self, scores: torch.Tensor) -> torch.Tensor:
-        """NCE loss of (B, 1 + K) normalized scores whose first column is the positive."""
-        noise = self.num_negatives / self.num_samples
+    def sample_shared_negatives(self, device: torch.device) -> torch.Tensor:
+        """(K,) indices drawn once for the whole batch, on the device."""
+        return torch.randint(0, self.num_samples, (self.num_negatives,), device=device)
+
+    def _nce(self, scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """NCE loss of (B, 1 + K) normalized scores whose first column is the positive; `keep`
+        (B, K) marks the negatives that count for each row (all of them when None)."""
         eps = 1e-7
+        if keep is None:
+            noise = torch.full_like(scores[:, 0], self.num_negatives / self.num_samples)
+            negative = torch.log(noise[:, None] / (scores[:, 1:] + noise[:, None] + eps)).sum(1)
+        else:
+            noise = keep.sum(1).to(scores.dtype) / self.num_samples
+            negative = (torch.log(noise[:, None] / (scores[:, 1:] + noise[:, None] + eps)) * keep).sum(1)
         positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + eps))
-        negative = torch.log(noise / (scores[:, 1:] + noise + eps)).sum(1)
         return -(positive + negative).mean()
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -139,30 +209,72 @@ class CRDLoss(DistillLoss):
                 "`train_set = distiller.prepare_data(train_set)` before building the DataLoader, and pass the "
                 "batch's indices: distiller(x, y, index=index) (the featkd trainer does both)."
             )
+        self.flush_memory_update()
         index = torch.as_tensor(index, device=self.labels.device).long()
         e_s = F.normalize(self.embed_student(full_precision(student.flatten(1))), dim=1)
         e_t = F.normalize(self.embed_teacher(full_precision(teacher.detach().flatten(1))), dim=1)
-        candidates = torch.cat([index[:, None], self.sample_negatives(index)], dim=1)  # (B, 1 + K)
+        if self.share_negatives:
+            losses = self._shared_losses(e_s, e_t, index)
+        else:
+            losses = self._per_sample_losses(e_s, e_t, index)
+        # the banks take this batch's embeddings at the next forward (or state_dict): backward
+        # still reads them as they were when the scores were computed
+        self._pending = (index, e_s.detach(), e_t.detach())
+        return losses
+
+    def flush_memory_update(self) -> None:
+        """Apply the previous batch's momentum update to the memory banks."""
+        if self._pending is None:
+            return
+        index, e_s, e_t = self._pending
+        self._pending = None
         with torch.no_grad():
-            bank_s = self.memory_student[candidates]
-            bank_t = self.memory_teacher[candidates]
+            for bank, embedding in ((self.memory_student, e_s), (self.memory_teacher, e_t)):
+                bank[index] = F.normalize(bank[index] * self.momentum + embedding * (1 - self.momentum), dim=1)
+
+    def _set_normalizers(self, means: list[torch.Tensor]) -> None:
+        """Z = n x mean score of the first batch, per side, fixed from then on (the paper's code)."""
+        if not self._normalizers_set:
+            with torch.no_grad():
+                first = self.normalizers < 0
+                self.normalizers.copy_(torch.where(first, torch.stack(means) * self.num_samples, self.normalizers))
+            self._normalizers_set = True
+
+    def _per_sample_losses(self, e_s, e_t, index) -> dict[str, torch.Tensor]:
+        """Each sample's own K negatives: gathers (B, 1 + K, dim) from each bank."""
+        candidates = torch.cat([index[:, None], self.sample_negatives(index)], dim=1)
+        with torch.no_grad():
+            bank_s, bank_t = self.memory_student[candidates], self.memory_teacher[candidates]
         # teacher anchors against the student bank, student anchors against the teacher bank
         scores_t = torch.exp(torch.bmm(bank_s, e_t[:, :, None]).squeeze(2) / self.temperature)
         scores_s = torch.exp(torch.bmm(bank_t, e_s[:, :, None]).squeeze(2) / self.temperature)
-        if not self._normalizers_set:  # fixed once, from the first batch, as in the paper's code
-            with torch.no_grad():
-                first = self.normalizers < 0
-                fresh = torch.stack([scores_s.mean(), scores_t.mean()]) * self.num_samples
-                self.normalizers.copy_(torch.where(first, fresh, self.normalizers))
-            self._normalizers_set = True
-        loss_s = self._nce(scores_s / self.normalizers[0])
-        loss_t = self._nce(scores_t / self.normalizers[1])
-        with torch.no_grad():
-            for bank, embedding in ((self.memory_student, e_s), (self.memory_teacher, e_t)):
-                mixed = bank[index] * self.momentum + embedding.detach() * (1 - self.momentum)
-                bank[index] = F.normalize(mixed, dim=1)
-        return {"student": loss_s, "teacher": loss_t}
+        self._set_normalizers([scores_s.mean(), scores_t.mean()])
+        return {"student": self._nce(scores_s / self.normalizers[0], None),
+                "teacher": self._nce(scores_t / self.normalizers[1], None)}
+
+    def _shared_losses(self, e_s, e_t, index) -> dict[str, torch.Tensor]:
+        """K negatives shared by the batch, one block of them at a time; a row ignores the
+        negatives of its own class (or itself, with negatives='any')."""
+        negatives = self.sample_shared_negatives(index.device)
+        if self.negatives == "other_class":
+            keep = self.labels[index][:, None] != self.labels[negatives][None, :]
+        else:
+            keep = index[:, None] != negatives[None, :]
+        if not self._normalizers_set:
+            self._set_normalizers([self._mean_score(e_s, self.memory_teacher, index, negatives, keep),
+                                   self._mean_score(e_t, self.memory_student, index, negatives, keep)])
+        log_z = self.normalizers.log()
+        keep = keep.to(e_s.dtype)
+        return {"student": _SharedNCE.apply(e_s, self.memory_teacher, index, negatives, keep, log_z[0], self.temperature),
+                "teacher": _SharedNCE.apply(e_t, self.memory_student, index, negatives, keep, log_z[1], self.temperature)}
+
+    @torch.no_grad()
+    def _mean_score(self, anchor, bank, index, negatives, keep: torch.Tensor) -> torch.Tensor:
+        scores = torch.cat([(anchor * bank[index]).sum(1, keepdim=True), anchor @ bank[negatives].t()], 1)
+        counted = torch.cat([torch.ones_like(keep[:, :1]), keep], 1)
+        return torch.exp(scores[counted] / self.temperature).mean()
 
     def extra_repr(self) -> str:
         return (f"feat_dim={self.feat_dim}, num_negatives={self.num_negatives}, temperature={self.temperature}, "
-                f"momentum={self.momentum}, negatives={self.negatives!r}, num_samples={self.num_samples}")
+                f"momentum={self.momentum}, negatives={self.negatives!r}, share_negatives={self.share_negatives}, "
+                f"num_samples={self.num_samples}")

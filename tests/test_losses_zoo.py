@@ -425,7 +425,7 @@ def nce_reference(scores: np.ndarray, k: int, n: int) -> float:
 def test_crd_loss_memory_update_and_normalizers():
     torch.manual_seed(0)
     labels = [0, 0, 1, 1, 2, 2, 3, 3]
-    crd, _ = make_crd(labels, num_negatives=3, temperature=0.5, momentum=0.25)
+    crd, _ = make_crd(labels, num_negatives=3, temperature=0.5, momentum=0.25, share_negatives=False)
     fixed = torch.tensor([[2, 4, 6], [0, 4, 7]])
     crd.sample_negatives = lambda index: fixed
     bank_s, bank_t = crd.memory_student.clone(), crd.memory_teacher.clone()
@@ -441,12 +441,73 @@ def test_crd_loss_memory_update_and_normalizers():
     torch.testing.assert_close(crd.normalizers, torch.stack([z_s, z_t]))
     assert parts["student"].item() == pytest.approx(nce_reference((raw_s / z_s).numpy(), 3, 8), rel=1e-5)
     assert parts["teacher"].item() == pytest.approx(nce_reference((raw_t / z_t).numpy(), 3, 8), rel=1e-5)
-    torch.testing.assert_close(crd.memory_student[index], F.normalize(0.25 * bank_s[index] + 0.75 * e_s, dim=1))
+    # the momentum update lands before the next use of the banks (here: state_dict)
+    torch.testing.assert_close(crd.memory_student, bank_s)
+    state = crd.state_dict()
+    torch.testing.assert_close(state["memory_student"][index], F.normalize(0.25 * bank_s[index] + 0.75 * e_s, dim=1))
     torch.testing.assert_close(crd.memory_teacher[index], F.normalize(0.25 * bank_t[index] + 0.75 * e_t, dim=1))
     untouched = [0, 2, 4, 5, 6, 7]
     torch.testing.assert_close(crd.memory_student[untouched], bank_s[untouched])
     crd(s, t, index)
     assert crd.normalizers[0].item() == pytest.approx(z_s.item())  # fixed after the first step
+
+
+def shared_reference(e, pos, neg, keep, z, temperature, n):
+    """NCE with negatives shared by the batch, written out with plain autograd ops."""
+    h_pos = torch.exp((e * pos).sum(1) / temperature) / z
+    h_neg = torch.exp(e @ neg.t() / temperature) / z
+    c = keep.sum(1) / n
+    positive = torch.log(h_pos / (h_pos + c))
+    negative = (torch.log(c[:, None] / (h_neg + c[:, None])) * keep).sum(1)
+    return -(positive + negative).mean()
+
+
+@pytest.mark.parametrize("negatives", ["other_class", "any"])
+def test_crd_shared_negatives_match_the_written_out_formula_and_its_gradient(negatives):
+    torch.manual_seed(0)
+    labels = [i % 4 for i in range(40)]
+    crd, _ = make_crd(labels, num_negatives=9, temperature=0.3, negatives=negatives)
+    shared = torch.tensor([0, 5, 6, 11, 12, 20, 33, 34, 39])
+    crd.sample_shared_negatives = lambda device: shared
+    index = torch.tensor([1, 4, 6, 39])  # 6 and 39 are among the negatives
+    s = torch.randn(4, 3, requires_grad=True)
+    t = torch.randn(4, 5)
+    bank_s, bank_t = crd.memory_student.clone(), crd.memory_teacher.clone()
+    parts = crd(s, t, index)
+    (parts["student"] + parts["teacher"]).backward()
+    lab = torch.tensor(labels)
+    keep = (lab[index][:, None] != lab[shared][None, :]) if negatives == "other_class" else \
+        (index[:, None] != shared[None, :])
+    keep = keep.float()
+    s2 = s.detach().clone().requires_grad_()
+    head_s = crd.embed_student.weight.detach().clone().requires_grad_()
+    e_s = F.normalize(F.linear(s2, head_s, crd.embed_student.bias.detach()), dim=1)
+    e_t = F.normalize(crd.embed_teacher(t), dim=1).detach()
+    z_s, z_t = crd.normalizers
+    ref_s = shared_reference(e_s, bank_t[index], bank_t[shared], keep, z_s, 0.3, 40)
+    ref_t = shared_reference(e_t, bank_s[index], bank_s[shared], keep, z_t, 0.3, 40)
+    assert parts["student"].item() == pytest.approx(ref_s.item(), rel=1e-5)
+    assert parts["teacher"].item() == pytest.approx(ref_t.item(), rel=1e-5)
+    ref_s.backward()
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(crd.embed_student.weight.grad, head_s.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_crd_shared_and_per_sample_negatives_agree_for_one_anchor():
+    torch.manual_seed(0)
+    labels = list(range(10))
+    negatives = torch.tensor([2, 3, 5, 7, 9])
+    index = torch.tensor([4])
+    s, t = torch.randn(1, 3), torch.randn(1, 5)
+    results = []
+    for share in (True, False):
+        torch.manual_seed(1)  # the same heads
+        crd, _ = make_crd(labels, num_negatives=5, negatives="any", share_negatives=share)
+        crd.sample_shared_negatives = lambda device: negatives
+        crd.sample_negatives = lambda idx: negatives[None, :]
+        results.append(crd(s, t, index))
+    for key in results[0]:
+        assert results[0][key].item() == pytest.approx(results[1][key].item(), rel=1e-5)
 
 
 def test_crd_gradients_reach_student_and_both_heads_never_the_teacher():
