@@ -8,7 +8,7 @@
     featkd inspect MODEL                      hookable module names with their shapes
     featkd list [losses|models|...]           what the registries hold
     featkd config CONFIG [key=value ...]      print the resolved, validated config
-    featkd bench [SUITE]                      benchmarks that print numbers
+    featkd bench [SUITE]                      benchmarks that print numbers (overhead, scaling, cache, rkd-angle)
 
 Bad input (an unknown key, loss, model, feature name, a missing file) prints one message
 saying what was wrong and what to do, and exits with code 2.
@@ -67,11 +67,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", choices=KINDS, help="one kind (default: all)")
 
     p = sub.add_parser("bench", help="benchmarks that print numbers (and write them as JSON)")
-    p.add_argument("suite", nargs="?", default="rkd-angle", choices=["rkd-angle"],
-                   help="rkd-angle: direct vs Gram-matrix RKD angle loss, time and peak memory")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--dim", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("suite", nargs="?", default="overhead", choices=["overhead", "scaling", "cache", "rkd-angle"],
+                   help="overhead (default): step time and memory per method vs student step + teacher forward; "
+                        "scaling: relational losses vs batch size; cache: epoch times with the teacher cache; "
+                        "rkd-angle: direct vs Gram-matrix RKD angle")
+    p.add_argument("--teacher", default="torchvision:resnet34")
+    p.add_argument("--student", default="torchvision:resnet18")
+    p.add_argument("--input-shape", default="3,32,32")
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--batch", type=int, default=None, help="overhead/cache: 64; rkd-angle: 256")
+    p.add_argument("--dim", type=int, default=2048, help="rkd-angle: embedding size")
+    p.add_argument("--batches", default="32,64,128,256,512,1024", help="scaling: batch sizes")
+    p.add_argument("--methods", default=None, help="overhead: comma-separated (default: kd,fitnet,at,sp,rkd,crd,kd+at+rkd)")
+    p.add_argument("--repeats", type=int, default=None, help="timing repeats (median); overhead: 20, others: 3")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="overhead: skip the peak-memory subprocesses")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the results to this JSON file")
 
@@ -210,12 +221,43 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from featkd import bench
+    from dataclasses import asdict
 
-    results = bench.rkd_angle_suite(args.batch, args.dim, args.repeats, args.device)
-    bench.print_rkd_angle(results)
+    from featkd.bench import common
+
+    shape = _shape(args.input_shape)
+    if args.suite == "overhead":
+        from featkd.bench import overhead
+
+        methods = args.methods.split(",") if args.methods else overhead.METHODS
+        settings = {"teacher": args.teacher, "student": args.student, "input_shape": shape, "classes": args.classes,
+                    "batch": args.batch or 64, "repeats": args.repeats or 20, "device": args.device,
+                    "precision": args.precision, "channels_last": args.channels_last}
+        results = overhead.run(**settings, methods=methods, memory=not args.no_memory)
+        overhead.report(results, settings)
+    elif args.suite == "scaling":
+        from featkd.bench import scaling
+
+        settings = {"batches": [int(b) for b in args.batches.split(",")], "repeats": args.repeats or 3,
+                    "device": args.device}
+        results = scaling.run(**settings)
+        scaling.report(results)
+    elif args.suite == "cache":
+        from featkd.bench import cache
+
+        settings = {"teacher": args.teacher, "student": args.student, "input_shape": shape, "classes": args.classes,
+                    "batch": args.batch or 64, "device": args.device}
+        results = cache.run(**settings)
+        cache.report(results, {**settings, "samples": 1024})
+    else:
+        from featkd.bench import rkd_angle
+
+        settings = {"batch": args.batch or 256, "dim": args.dim, "repeats": args.repeats or 3, "device": args.device}
+        results = rkd_angle.run(**settings)
+        rkd_angle.report(results)
+    print(f"machine: {common.machine()}")
     if args.json:
-        bench.write_json(args.json, args.suite, results)
+        common.write_json(args.json, args.suite, [asdict(r) for r in results], settings=settings)
     return 0
 
 

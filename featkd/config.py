@@ -139,6 +139,19 @@ class DataConfig(_Strict):
     _expand = _shorthand("name")
 
 
+class TeacherCacheConfig(_Strict):
+    """Keep the teachers' outputs per training view and reuse them (`teacher_cache: true`)."""
+
+    enabled: bool = False
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    features: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flag(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
 class LoggerConfig(_Strict):
     """Weights & Biases settings (offline by default: no account or network needed)."""
 
@@ -204,6 +217,9 @@ class Config(_Strict):
     stages: list[StageConfig] | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     nonfinite: Literal["error", "skip"] = "error"
+    teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
+    channels_last: bool = False
+    compile: bool | str = False
     logger: LoggerConfig = Field(default_factory=LoggerConfig)
     progress: bool = True
 

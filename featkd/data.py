@@ -35,24 +35,48 @@ class DataBundle:
 
 
 class ArrayDataset(Dataset):
-    """In-memory inputs and labels with an optional per-sample augmentation."""
+    """In-memory inputs and labels with an optional per-sample augmentation.
+
+    Without `views`, the augmentation draws from torch's global generator: every epoch sees new
+    random views that cannot be replayed. With `views` = R, each sample has R fixed views whose
+    randomness is seeded by (seed, sample, view); item `i + v * len(self)` is view v of sample i,
+    and its extras name both (`{"index": i, "view": v}`), so a view can be reproduced at will
+    (the teacher output cache relies on it). A `ShardedSampler` with `views=R` visits view
+    (epoch - 1) mod R of every sample in each epoch.
+    """
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 augment: Callable[..., torch.Tensor] | None = None, views: int | None = None, seed: int = 0) -> None:
         if len(inputs) != len(targets):
             raise DataError(f"{len(inputs)} inputs but {len(targets)} labels")
+        if views is not None and views < 1:
+            raise DataError(f"views must be >= 1, got {views}.")
         self.inputs = inputs
         self.targets = targets
         self.augment = augment
+        self.views = views if augment is not None else None
+        self.seed = seed
+
+    @property
+    def replayable_views(self) -> int | None:
+        """Distinct views per sample if they can be reproduced (1: no augmentation), else None."""
+        if self.augment is None:
+            return 1
+        return self.views
 
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.inputs[index]
-        if self.augment is not None:
-            x = self.augment(x)
-        return x, self.targets[index]
+    def __getitem__(self, index: int) -> tuple:
+        n = len(self.inputs)
+        sample, view = index % n, index // n
+        x = self.inputs[sample]
+        if self.augment is None:
+            return x, self.targets[sample]
+        if self.views is None:
+            return self.augment(x), self.targets[sample]
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + sample) * 1_009 + view)
+        return self.augment(x, generator), self.targets[sample], {"index": sample, "view": view}
 
 
 class RandomShift:
@@ -61,9 +85,9 @@ class RandomShift:
     def __init__(self, max_shift: int = 1) -> None:
         self.max_shift = max_shift
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         m = self.max_shift
-        shifts = torch.randint(-m, m + 1, (x.dim() - 1,)).tolist()
+        shifts = torch.randint(-m, m + 1, (x.dim() - 1,), generator=generator).tolist()
         out = torch.zeros_like(x)
         src = [slice(None)]
         dst = [slice(None)]
@@ -72,6 +96,35 @@ class RandomShift:
             dst.append(slice(max(0, s), size - max(0, -s)))
         out[tuple(dst)] = x[tuple(src)]
         return out
+
+
+class WithIndex(Dataset):
+    """A dataset whose items also carry their sample index: (x, y) -> (x, y, {"index": i}).
+
+    Items that already carry extras keep them (a dataset of replayable views names its own
+    index and view)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple:
+        item = self.dataset[index]
+        extras = dict(item[2]) if len(item) > 2 and isinstance(item[2], dict) else {}
+        extras.setdefault("index", index)
+        return item[0], item[1], extras
+
+    def __getattr__(self, name: str):  # targets, replayable_views, ... of the wrapped set
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def with_index(dataset: Dataset) -> Dataset:
+    """`dataset` with sample indices in its items (wrapped once, however many losses ask)."""
+    return dataset if isinstance(dataset, WithIndex) else WithIndex(dataset)
 
 
 def _standardize(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
@@ -97,11 +150,12 @@ def _check_fraction(fraction: float) -> None:
 
 @DATASETS.register("digits")
 def digits(augment: bool = True, test_fraction: float = 0.2, train_fraction: float = 1.0,
-           exclude_classes: tuple[int, ...] = (), split_seed: int = 0) -> DataBundle:
+           exclude_classes: tuple[int, ...] = (), split_seed: int = 0, views: int | None = None) -> DataBundle:
     """scikit-learn's handwritten digits (1,797 real 8x8 images, 10 classes), shipped with the package.
 
     A fixed stratified split (test_fraction, split_seed) gives 1,437 train / 360 test images;
-    augmentation shifts images by up to one pixel. `train_fraction` and `exclude_classes`
+    augmentation shifts images by up to one pixel, freshly random each epoch, or from `views`
+    fixed random shifts per sample, replayed by seed. `train_fraction` and `exclude_classes`
     shrink the training set only (the test set stays whole).
     """
     from sklearn.datasets import load_digits
@@ -115,7 +169,7 @@ def digits(augment: bool = True, test_fraction: float = 0.2, train_fraction: flo
     x_tr, y_tr = _subset(x_tr, y_tr, train_fraction, exclude_classes, split_seed)
     x_tr, x_te = _standardize(x_tr, x_te)
     return DataBundle(
-        ArrayDataset(x_tr, torch.from_numpy(y_tr), RandomShift(1) if augment else None),
+        ArrayDataset(x_tr, torch.from_numpy(y_tr), RandomShift(1) if augment else None, views, split_seed),
         ArrayDataset(x_te, torch.from_numpy(y_te)),
         num_classes=10,
         input_shape=(1, 8, 8),
@@ -140,7 +194,7 @@ def _mnist1d_arrays(num_samples: int, seed: int) -> tuple[np.ndarray, ...]:
 
 @DATASETS.register("mnist1d")
 def mnist1d(num_samples: int = 5000, seed: int = 42, augment: bool = False,
-            train_fraction: float = 1.0, exclude_classes: tuple[int, ...] = ()) -> DataBundle:
+            train_fraction: float = 1.0, exclude_classes: tuple[int, ...] = (), views: int | None = None) -> DataBundle:
     """MNIST-1D (Greydanus 2020): 1-D signals of length 40, 10 classes, generated procedurally.
 
     Defaults give the standard 4,000 train / 1,000 test split. Input shape (1, 40).
@@ -150,7 +204,7 @@ def mnist1d(num_samples: int = 5000, seed: int = 42, augment: bool = False,
     x_tr, y_tr = _subset(x_tr, y_tr.astype(np.int64), train_fraction, exclude_classes, seed)
     x_tr, x_te = _standardize(x_tr[:, None], x_te[:, None])
     return DataBundle(
-        ArrayDataset(x_tr, torch.from_numpy(y_tr), RandomShift(2) if augment else None),
+        ArrayDataset(x_tr, torch.from_numpy(y_tr), RandomShift(2) if augment else None, views, seed),
         ArrayDataset(x_te, torch.from_numpy(y_te.astype(np.int64))),
         num_classes=10,
         input_shape=(1, 40),
@@ -195,6 +249,7 @@ def _cifar(kind: str, root: str, augment: bool) -> DataBundle:
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
     train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []) + normalize)
     train = cls(root, train=True, download=False, transform=train_tf)
+    train.replayable_views = None if augment else 1  # torchvision's random transforms cannot be replayed
     test = cls(root, train=False, download=False, transform=T.Compose(normalize))
     return DataBundle(train, test, num_classes=len(train.classes), input_shape=(3, 32, 32), class_names=list(train.classes))
 

@@ -29,9 +29,11 @@ from torch import nn
 from featkd import distributed
 from featkd.adapters import ADAPTERS, Layout, infer_layout
 from featkd.capture import FeatureCapture, StaleFeatureError, _call, resolve
+from featkd.data import with_index
 from featkd.errors import AdapterError, ConfigError, FeatkdError, did_you_mean
 from featkd.losses import LOSSES, DistillLoss
 from featkd.losses.base import PretrainStage
+from featkd.teacher_cache import TeacherCache, TeacherCacheSettings
 
 _DEFAULT = object()
 
@@ -142,6 +144,9 @@ class Distiller(nn.Module):
         example_input: one batch of inputs, used to probe feature shapes and build adapters.
             Required when a term uses an adapter: adapters must exist before you create the
             optimizer. Without it, shapes are probed on the first batch.
+        teacher_cache: keep the teachers' outputs per training view and skip the teacher
+            forward when a view comes back (see `featkd.teacher_cache`); the training set
+            must go through `prepare_data`, and its views must be replayable.
     """
 
     def __init__(
@@ -150,6 +155,7 @@ class Distiller(nn.Module):
         student: nn.Module,
         terms: Sequence[Term | str],
         example_input: Any = None,
+        teacher_cache: TeacherCacheSettings | None = None,
     ) -> None:
         super().__init__()
         if teacher is None:
@@ -168,6 +174,7 @@ class Distiller(nn.Module):
         if not self.terms:
             raise ConfigError("Distiller needs at least one term, e.g. Term('ce').")
         self._check_names()
+        self._cache = self._make_cache(teacher_cache)
         self.losses = nn.ModuleDict({t.name: t.module for t in self.terms})
         self.adapters = nn.ModuleDict()
         self._pairs: dict[str, list[_Pair]] = {}
@@ -221,9 +228,27 @@ class Distiller(nn.Module):
                     "feature names (`featkd inspect MODEL` lists them)."
                 )
 
+    def _make_cache(self, settings: TeacherCacheSettings | None) -> TeacherCache | None:
+        if settings is None:
+            return None
+        if not self._teachers:
+            raise ConfigError("teacher_cache: there is no teacher whose outputs could be cached.")
+        for term in self._feature_terms():
+            missing = [name for name in term.teacher if name not in settings.features]
+            if missing:
+                raise ConfigError(
+                    f"teacher_cache: term {term.name!r} reads teacher features {missing} that the cache does not "
+                    "keep; list them in teacher_cache.features (each costs one stored value per element, per "
+                    "training view) or turn the cache off."
+                )
+        return TeacherCache(settings, len(self._teachers))
+
     def _build_captures(self) -> None:
         student_names: list[str] = []
         teacher_names: list[list[str]] = [[] for _ in self._teachers]
+        if self._cache is not None:  # features the cache keeps are captured whenever the teachers run
+            for i, teacher in enumerate(self._teachers):
+                teacher_names[i] += [s.name for s in resolve(teacher, self._cache.settings.features, "teacher")]
         for term in self._feature_terms():
             s_specs = resolve(self.student, term.student, "student")
             t_specs = resolve(self._teachers[term.teacher_index], term.teacher, f"teacher {term.teacher_index}"
@@ -314,7 +339,10 @@ class Distiller(nn.Module):
                                   for i in (range(len(self._teachers)) if t.module.consumes == "logits"
                                             else [t.teacher_index])})
         student_names, teacher_names = self._wanted(active)
-        teacher_logits, teacher_feats = self._teacher_pass(x, teacher_indices, teacher_names)
+        if self._cache is not None and self._cache.ready and teacher_indices:
+            teacher_logits, teacher_feats = self._cached_teacher_pass(x, batch, teacher_names)
+        else:
+            teacher_logits, teacher_feats = self._teacher_pass(x, teacher_indices, teacher_names)
         try:
             logits, student_feats = self._run(self.student, self._student_capture, x, student_names)
             t_logits = self._ensemble_logits(teacher_logits)
@@ -357,6 +385,20 @@ class Distiller(nn.Module):
                 if teacher.training:  # someone called .train() on it: pin it back
                     teacher.eval()
                 logits[i], feats[i] = self._run(teacher, self._teacher_captures[i], x, names.get(i, frozenset()))
+        return logits, feats
+
+    def _cached_teacher_pass(self, x: Any, batch: dict[str, Any], names: dict[int, frozenset[str]]
+                             ) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
+        cache = self._cache
+        keys = cache.keys(batch)
+        hit = cache.lookup(keys)
+        if hit is not None:
+            logits, feats = hit
+            return dict(enumerate(logits)), {i: feats.get(i, {}) for i in range(len(self._teachers))}
+        kept = frozenset(cache.settings.features)
+        everything = {i: names.get(i, frozenset()) | kept for i in range(len(self._teachers))}
+        logits, feats = self._teacher_pass(x, range(len(self._teachers)), everything)
+        cache.store(keys, logits, feats)
         return logits, feats
 
     def _ensemble_logits(self, logits: dict[int, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
@@ -436,9 +478,12 @@ class Distiller(nn.Module):
             term.module.set_epoch(epoch)
 
     def prepare_data(self, dataset: Any) -> Any:
-        """The training set wrapped as the losses need (e.g. CRD adds sample indices)."""
+        """The training set wrapped as the losses and the teacher cache need (sample indices)."""
         for term in self.terms:
             dataset = term.module.prepare_data(dataset)
+        if self._cache is not None:
+            dataset = with_index(dataset)
+            self._cache.attach(dataset)
         return dataset
 
     def pretrain_stages(self) -> list[tuple[str, PretrainStage]]:

@@ -99,11 +99,13 @@ class ShardedSampler(Sampler[int]):
     split as indices[rank::world_size]. With `drop_last`, every rank gets the same count and
     no sample is repeated; without it, shards differ by at most one and nothing is padded.
     One process (world size 1) sees the whole permutation, so 2 processes x batch b and 1
-    process x batch 2b visit the same samples per step."""
+    process x batch 2b visit the same samples per step. With `views` = R (a dataset of R fixed
+    views per sample), epoch e visits view (e - 1) mod R: index i + view x size."""
 
     def __init__(self, size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
-                 num_replicas: int | None = None, rank_: int | None = None) -> None:
+                 num_replicas: int | None = None, rank_: int | None = None, views: int = 1) -> None:
         self.size = size
+        self.views = views
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
@@ -122,7 +124,8 @@ class ShardedSampler(Sampler[int]):
             order = list(range(self.size))
         if self.drop_last:
             order = order[: len(self) * self.num_replicas]
-        return iter(order[self.rank :: self.num_replicas])
+        offset = ((self.epoch - 1) % self.views) * self.size if self.views > 1 else 0
+        return iter(i + offset for i in order[self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
         if self.drop_last:

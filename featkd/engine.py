@@ -131,12 +131,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- pieces ------------------------------------------------------------------------------
 
 
-def unpack(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+def unpack(batch: Any, device: torch.device, channels_last: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(inputs, labels, extra fields) of a batch, on `device`; extras come from dataset wrappers."""
     x, y, *rest = batch
     extras = rest[0] if rest and isinstance(rest[0], dict) else {}
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in extras.items()}
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), moved
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True), moved
 
 
 def make_optimizer(train_cfg: TrainConfig, params: list[nn.Parameter], steps_per_epoch: int):
@@ -170,7 +174,7 @@ def frozen(model: nn.Module, freeze: list[str], unfreeze: list[str]) -> Iterator
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
-             reference: nn.Module | None = None) -> dict[str, float]:
+             reference: nn.Module | None = None, channels_last: bool = False) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy on `loader`, summed over all ranks; with
     `reference`, also the % of samples where both models predict the same class."""
     was_training = model.training
@@ -178,8 +182,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # correct, total, loss sum, agree
     dtype = AUTOCAST_DTYPES.get(precision)
     try:
-        for x, y, *_ in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for batch in loader:
+            x, y, _ = unpack(batch, device, channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = logits_of(model(x)).float()
                 other = logits_of(reference(x)).argmax(1) if reference is not None else None
@@ -222,6 +226,7 @@ class StageSettings:
     record: dict[str, Any] = field(default_factory=dict)  # extra data saved in every checkpoint
     progress: bool = True
     epoch_lines: bool = False
+    channels_last: bool = False
 
 
 def fit(
@@ -316,7 +321,7 @@ def fit(
             if resuming:
                 set_rng_state(resume["rng"])
             for batch_index in range(first, micro_per_epoch):
-                x, y, extras = unpack(next(batches), device)
+                x, y, extras = unpack(next(batches), device, settings.channels_last)
                 closes_step = (batch_index + 1) % cfg.accumulate == 0 or batch_index == micro_per_epoch - 1
                 sync = nullcontext() if (closes_step or not ddp) else model.no_sync()
                 with sync:
@@ -356,6 +361,7 @@ def fit(
                     raise Interrupted(stop.signum or signal.SIGTERM, settings.name, epoch, done,
                                       settings.checkpoints.get("last"))
 
+            train_seconds = time.perf_counter() - epoch_start
             count = torch.tensor([float(max(counted, 1))], device=device)
             distributed.all_reduce_sum(count)
             for value in sums.values():
@@ -366,13 +372,15 @@ def fit(
                 metrics["train/skipped_steps"] = skipped
             improved = False
             if settings.evaluate_student:
-                result = evaluate(distiller.student, test_loader, device, settings.precision)
+                result = evaluate(distiller.student, test_loader, device, settings.precision,
+                                  channels_last=settings.channels_last)
                 last_acc = result["acc"]
                 improved = last_acc > best_acc
                 if improved:
                     best_acc, best_epoch = last_acc, epoch
                 metrics.update({"test/acc": last_acc, "test/loss": result["loss"], "test/best_acc": best_acc})
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
+            metrics["time/train_s"] = train_seconds
             state = checkpoint_state(epoch, 0, rng_state())
             write("last", state)  # the checkpoint first, then the log line that it covers
             if improved:

@@ -38,6 +38,7 @@ from featkd.logging import Logger, make_logger
 from featkd.models import build_model, count_parameters
 from featkd.runtime import resolve_device, seed_everything
 from featkd.stages import Plan, StagePlan, cache_path, plan_stages
+from featkd.teacher_cache import TeacherCacheSettings
 
 __all__ = ["RunResult", "StageResult", "evaluate", "load_model_checkpoint", "train", "summary_lines"]
 
@@ -167,8 +168,9 @@ def make_loaders(train_set: Any, test_set: Any, config: Config, seed: int) -> tu
     data = config.data
     world = distributed.world_size()
     drop_last = len(train_set) >= data.batch_size * world
+    views = getattr(train_set, "views", None) or 1
     train = DataLoader(train_set, batch_size=data.batch_size, num_workers=data.num_workers,
-                       sampler=ShardedSampler(len(train_set), shuffle=True, seed=seed, drop_last=drop_last),
+                       sampler=ShardedSampler(len(train_set), shuffle=True, seed=seed, drop_last=drop_last, views=views),
                        drop_last=drop_last, persistent_workers=data.num_workers > 0)
     test = DataLoader(test_set, batch_size=data.eval_batch_size, num_workers=data.num_workers,
                       sampler=ShardedSampler(len(test_set), shuffle=False, drop_last=False))
@@ -221,6 +223,9 @@ class Run:
         self.bundle = build_data(config.data.name, config.data.args)
         self.plan: Plan = plan_stages(config)
         self.models = build_models(self.plan, self.bundle, config.seed, device)
+        if config.channels_last and len(self.bundle.input_shape) == 3:
+            for model in self.models.values():
+                model.to(memory_format=torch.channels_last)
         self.results: dict[str, StageResult] = {}
 
     def say(self, message: str) -> None:
@@ -247,7 +252,7 @@ class Run:
             name=name, train=train_cfg, precision=self.config.precision, nonfinite=self.config.nonfinite,
             evaluate_student=evaluate_student, checkpoints=self.checkpoints(name, final),
             record={"kind": "student", **_record(spec, self.bundle), "config": self.config.to_dict()},
-            progress=self.config.progress, epoch_lines=self.verbose)
+            progress=self.config.progress, epoch_lines=self.verbose, channels_last=self.config.channels_last)
 
     # -- stages --------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -287,8 +292,15 @@ class Run:
         seed_everything(stage.seed)
         model.requires_grad_(True)  # it may have taught in an earlier stage, frozen
         example = next(iter(DataLoader(self.bundle.train, batch_size=config.data.batch_size)))[0].to(device)
+        cache = config.teacher_cache
+        cache_settings = TeacherCacheSettings(cache.dtype, list(cache.features)) if cache.enabled and teachers else None
         with frozen(model, stage.freeze, stage.unfreeze), \
-                Distiller(teachers or None, model, terms_from(stage.terms), example_input=example) as distiller:
+                Distiller(teachers or None, model, terms_from(stage.terms), example_input=example,
+                          teacher_cache=cache_settings) as distiller:
+            if config.compile:  # after the hooks are in place: compiled graphs keep them
+                backend = "inductor" if config.compile is True else config.compile
+                for module in [model, *teachers]:
+                    module.compile(backend=backend)
             train_set = distiller.prepare_data(self.bundle.train)
             train_loader, test_loader = make_loaders(train_set, self.bundle.test, config, stage.seed)
             main = self.state.get(stage.name)
@@ -380,9 +392,10 @@ class Run:
         teachers = [self.models[k] for k in final.teachers]
         _, test_loader = make_loaders(self.bundle.train, self.bundle.test, self.config, final.seed)
         teacher_acc, agreement = [], None
+        cl = self.config.channels_last
         for i, teacher in enumerate(teachers):
-            result = evaluate(student, test_loader, self.device, self.config.precision, reference=teacher)
-            teacher_acc.append(evaluate(teacher, test_loader, self.device, self.config.precision)["acc"])
+            result = evaluate(student, test_loader, self.device, self.config.precision, reference=teacher, channels_last=cl)
+            teacher_acc.append(evaluate(teacher, test_loader, self.device, self.config.precision, channels_last=cl)["acc"])
             if i == 0:
                 agreement = result["agreement"]
         shape = tuple(self.bundle.input_shape)

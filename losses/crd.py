@@ -14,8 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from featkd.data import WithIndex, with_index
 from featkd.errors import ConfigError
 from featkd.losses.base import LOSSES, DistillLoss, full_precision
+
+__all__ = ["CRDLoss", "WithIndex", "dataset_targets"]
 
 
 #: Negatives per block in the shared-negative NCE: bounds the (B, block) temporaries.
@@ -66,27 +69,6 @@ def _softplus(z: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
     """log(1 + exp(z)) from z and sigmoid(z): max(z, 0) - log(sigmoid(|z|)), stable for any z,
     and several times faster than F.softplus on CPU."""
     return z.clamp_min(0) - torch.where(z >= 0, sig, 1 - sig).log()
-
-
-class WithIndex(Dataset):
-    """A dataset whose items also carry their index: (x, y) -> (x, y, {"index": i})."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, Any, dict[str, Any]]:
-        item = self.dataset[index]
-        extras = dict(item[2]) if len(item) > 2 and isinstance(item[2], dict) else {}
-        extras["index"] = index
-        return item[0], item[1], extras
-
-    def __getattr__(self, name: str) -> Any:  # targets, classes, ... of the wrapped set
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
 
 def dataset_targets(dataset: Any) -> torch.Tensor:
@@ -167,7 +149,7 @@ class CRDLoss(DistillLoss):
         self._normalizers_set = False
         self._pending = None
         self.num_samples = n
-        return WithIndex(dataset)
+        return with_index(dataset)
 
     def sample_negatives(self, index: torch.Tensor) -> torch.Tensor:
         """(B, K) indices of negatives for each sample of `index`, drawn on the device."""

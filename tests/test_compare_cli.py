@@ -150,3 +150,24 @@ def test_bench_rkd_angle_prints_and_writes_numbers(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [r["form"] for r in data["results"]] == ["naive", "gram"]
     assert all(r["seconds"] > 0 for r in data["results"]) and "torch" in data["machine"]
+
+
+def test_bench_overhead_measures_each_step_against_its_bound(tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    assert main(["bench", "--teacher", "cnn_small", "--student", "cnn_tiny", "--input-shape", "1,8,8",
+                 "--classes", "10", "--batch", "16", "--repeats", "3", "--methods", "kd,rkd", "--json", str(out)]) == 0
+    assert "T_d/(T_s+T_t)" in capsys.readouterr().out
+    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"student", "teacher", "kd", "rkd"}
+    bound = rows["student"]["seconds"] + rows["teacher"]["seconds"]
+    assert rows["kd"]["ratio"] == pytest.approx(rows["kd"]["seconds"] / bound)
+    assert rows["rkd"]["peak_mib"] >= 0 and rows["student"]["ratio"] is None  # tiny models: a few pages at most
+
+
+def test_bench_scaling_and_cache_suites(tmp_path, capsys):
+    assert main(["bench", "scaling", "--batches", "16,32", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "rkd" in printed and "crd" in printed and "exp" in printed
+    assert main(["bench", "cache", "--teacher", "cnn_small", "--student", "cnn_tiny", "--input-shape", "1,8,8",
+                 "--classes", "10", "--batch", "32"]) == 0
+    assert "KD + teacher cache" in capsys.readouterr().out
