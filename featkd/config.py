@@ -340,6 +340,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 node[part] = {}
             elif isinstance(node[part], str):  # shorthand such as `logger: none`
                 node[part] = {_SHORTHAND_KEYS.get(parts[depth], "name"): node[part]}
+            elif isinstance(node[part], bool):  # a flag standing for a section: `teacher_cache: true`
+                node[part] = {"enabled": node[part]}
             elif not isinstance(node[part], (dict, list)):
                 raise ConfigError(f"override {item!r}: {where} is {node[part]!r}, not a mapping.")
             node = node[part]

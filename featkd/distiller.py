@@ -391,15 +391,27 @@ class Distiller(nn.Module):
                              ) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
         cache = self._cache
         keys = cache.keys(batch)
-        hit = cache.lookup(keys)
-        if hit is not None:
-            logits, feats = hit
-            return dict(enumerate(logits)), {i: feats.get(i, {}) for i in range(len(self._teachers))}
+        missing = cache.missing(keys)
         kept = frozenset(cache.settings.features)
         everything = {i: names.get(i, frozenset()) | kept for i in range(len(self._teachers))}
-        logits, feats = self._teacher_pass(x, range(len(self._teachers)), everything)
-        cache.store(keys, logits, feats)
-        return logits, feats
+        teachers = range(len(self._teachers))
+        if distributed.is_distributed():  # ranks agree, then fill from every rank's full batch
+            flag = distributed.all_reduce_sum(missing.any().float().reshape(1))
+            if bool(flag > 0):
+                logits, feats = self._teacher_pass(x, teachers, everything)
+                cache.store(keys, logits, feats, gather=True)
+                return logits, feats
+        elif bool(missing.any()):
+            if not isinstance(x, torch.Tensor) or bool(missing.all()):
+                logits, feats = self._teacher_pass(x, teachers, everything)
+                cache.store(keys, logits, feats)
+                return logits, feats
+            # only the samples seen for the first time go through the teachers (eval mode:
+            # a sample's outputs do not depend on the rest of its batch)
+            logits, feats = self._teacher_pass(x[missing], teachers, everything)
+            cache.store(keys[missing], logits, feats)
+        cached_logits, cached_feats = cache.lookup(keys)
+        return dict(enumerate(cached_logits)), {i: cached_feats.get(i, {}) for i in teachers}
 
     def _ensemble_logits(self, logits: dict[int, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...] | None:
         if len(logits) < len(self._teachers) or not logits:

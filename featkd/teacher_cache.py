@@ -74,10 +74,14 @@ class TeacherCache:
         view = torch.as_tensor(batch.get("view", 0)).long()
         return (view * self.samples + index).flatten()
 
-    def lookup(self, keys: torch.Tensor) -> tuple[list[torch.Tensor], dict[int, dict[str, torch.Tensor]]] | None:
-        """Logits per teacher and features per teacher for `keys`, or None unless all are stored."""
-        if self.filled is None or not bool(self.filled[keys.to(self.filled.device)].all()):
-            return None
+    def missing(self, keys: torch.Tensor) -> torch.Tensor:
+        """Which of `keys` have nothing stored yet."""
+        if self.filled is None:
+            return torch.ones(len(keys), dtype=torch.bool, device=keys.device)
+        return ~self.filled[keys.to(self.filled.device)].to(keys.device)
+
+    def lookup(self, keys: torch.Tensor) -> tuple[list[torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+        """Logits per teacher and features per teacher for `keys`, all of which are stored."""
         keys = keys.to(self.filled.device)
         logits = [stored.index_select(0, keys).float() for stored in self.logits]  # type: ignore[union-attr]
         feats: dict[int, dict[str, torch.Tensor]] = {}
@@ -86,12 +90,15 @@ class TeacherCache:
         return logits, feats
 
     @torch.no_grad()
-    def store(self, keys: torch.Tensor, logits: dict[int, torch.Tensor], feats: dict[int, dict[str, torch.Tensor]]) -> None:
-        """Keep this batch's outputs (every rank's, in a multi-process run)."""
-        keys = distributed.gather_with_local_grad(keys.to(next(iter(logits.values())).device))
+    def store(self, keys: torch.Tensor, logits: dict[int, torch.Tensor], feats: dict[int, dict[str, torch.Tensor]],
+              gather: bool = False) -> None:
+        """Keep these outputs (with `gather`, every rank's: a collective call, on full batches)."""
+        keys = keys.to(next(iter(logits.values())).device)
+        if gather:
+            keys = distributed.gather_with_local_grad(keys)
         n = self.samples * self.views
         for i, value in logits.items():
-            value = distributed.gather_with_local_grad(value.detach())
+            value = distributed.gather_with_local_grad(value.detach()) if gather else value.detach()
             if self.logits[i] is None:
                 self.logits[i] = torch.zeros((n, *value.shape[1:]), dtype=self.dtype, device=value.device)
             self.logits[i][keys] = value.to(self.dtype)
@@ -99,7 +106,8 @@ class TeacherCache:
             for name in self.settings.features:
                 if name not in named:
                     continue
-                value = distributed.gather_with_local_grad(named[name].detach())
+                value = named[name].detach()
+                value = distributed.gather_with_local_grad(value) if gather else value
                 if (i, name) not in self.features:
                     self.features[(i, name)] = torch.zeros((n, *value.shape[1:]), dtype=self.dtype, device=value.device)
                 self.features[(i, name)][keys] = value.to(self.dtype)
