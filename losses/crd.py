@@ -29,40 +29,34 @@ class _SharedNCE(torch.autograd.Function):
     """NCE of anchors against K negatives shared by the batch, in blocks of negatives.
 
     loss = (1/B) sum_i [softplus(log c_i - s_i0 + log Z) + sum_j keep_ij softplus(s_ij - log Z - log c_i)]
-    with s = anchor . bank[row] / T, c_i = (kept negatives of row i) / n. This equals the NCE
-    loss -[log h+/(h+ + c) + sum log c/(h- + c)] with h = exp(s) / Z. Forward keeps only the
-    (B, K) gradient weights sigmoid(.) for backward, which gathers the bank rows again: that is
-    why CRDLoss defers its memory update to its next forward.
+    with s = anchor . row / T for the positive and the K negative rows, c_i = (kept negatives of
+    row i) / n. This equals the NCE loss -[log h+/(h+ + c) + sum log c/(h- + c)] with
+    h = exp(s) / Z, computed block by block; backward needs only the rows and the (B, K)
+    weights sigmoid(.) that forward keeps, never the (B, K) scores.
     """
 
     @staticmethod
-    def forward(ctx, anchor, bank, positives, negatives, keep, log_z, temperature):  # type: ignore[override]
-        log_c = torch.log(keep.sum(1) / len(bank))
-        pos = bank.index_select(0, positives)
-        z0 = log_c + log_z - (anchor * pos).sum(1) / temperature
+    def forward(ctx, anchor, positive_rows, negative_rows, keep, log_c, log_z, temperature):  # type: ignore[override]
+        z0 = log_c + log_z - (anchor * positive_rows).sum(1) / temperature
         sig0 = torch.sigmoid(z0)
         total = _softplus(z0, sig0).sum()
         shift = -(log_z + log_c)[:, None]
         weights = torch.empty_like(keep)
-        for start in range(0, len(negatives), NEGATIVE_BLOCK):
+        for start in range(0, len(negative_rows), NEGATIVE_BLOCK):
             block = slice(start, start + NEGATIVE_BLOCK)
-            z = torch.addmm(shift, anchor, bank.index_select(0, negatives[block]).t(), alpha=1.0 / temperature)
+            z = torch.addmm(shift, anchor, negative_rows[block].t(), alpha=1.0 / temperature)
             sig = torch.sigmoid(z)
             total = total + torch.dot(_softplus(z, sig).flatten(), keep[:, block].flatten())
             torch.mul(sig, keep[:, block], out=weights[:, block])
-        ctx.save_for_backward(pos, sig0, bank, negatives, weights)
+        ctx.save_for_backward(positive_rows, sig0, negative_rows, weights)
         ctx.temperature = temperature
         return total / len(anchor)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        pos, sig0, bank, negatives, weights = ctx.saved_tensors
-        scale = grad / (len(pos) * ctx.temperature)
-        grad_anchor = -sig0[:, None] * pos
-        for start in range(0, len(negatives), NEGATIVE_BLOCK):
-            block = slice(start, start + NEGATIVE_BLOCK)
-            grad_anchor = torch.addmm(grad_anchor, weights[:, block], bank.index_select(0, negatives[block]))
-        return grad_anchor * scale, None, None, None, None, None, None
+        positive_rows, sig0, negative_rows, weights = ctx.saved_tensors
+        grad_anchor = torch.addmm(-sig0[:, None] * positive_rows, weights, negative_rows)
+        return grad_anchor * (grad / (len(positive_rows) * ctx.temperature)), None, None, None, None, None, None
 
 
 def _softplus(z: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
@@ -118,8 +112,6 @@ class CRDLoss(DistillLoss):
         self.embed_teacher: nn.Linear | None = None
         self.num_samples = 0
         self._normalizers_set = False  # mirrors `normalizers >= 0` without a device sync per step
-        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush_memory_update())
 
     def bind(self, student_shapes, teacher_shapes) -> None:
         if len(student_shapes) != 1:
@@ -147,7 +139,6 @@ class CRDLoss(DistillLoss):
         self.register_buffer("class_count", counts.to(device))
         self.register_buffer("normalizers", torch.full((2,), -1.0, device=device))
         self._normalizers_set = False
-        self._pending = None
         self.num_samples = n
         return with_index(dataset)
 
@@ -191,7 +182,6 @@ class CRDLoss(DistillLoss):
                 "`train_set = distiller.prepare_data(train_set)` before building the DataLoader, and pass the "
                 "batch's indices: distiller(x, y, index=index) (the featkd trainer does both)."
             )
-        self.flush_memory_update()
         index = torch.as_tensor(index, device=self.labels.device).long()
         e_s = F.normalize(self.embed_student(full_precision(student.flatten(1))), dim=1)
         e_t = F.normalize(self.embed_teacher(full_precision(teacher.detach().flatten(1))), dim=1)
@@ -199,20 +189,10 @@ class CRDLoss(DistillLoss):
             losses = self._shared_losses(e_s, e_t, index)
         else:
             losses = self._per_sample_losses(e_s, e_t, index)
-        # the banks take this batch's embeddings at the next forward (or state_dict): backward
-        # still reads them as they were when the scores were computed
-        self._pending = (index, e_s.detach(), e_t.detach())
-        return losses
-
-    def flush_memory_update(self) -> None:
-        """Apply the previous batch's momentum update to the memory banks."""
-        if self._pending is None:
-            return
-        index, e_s, e_t = self._pending
-        self._pending = None
-        with torch.no_grad():
+        with torch.no_grad():  # the scores above used copies of the rows, so the banks may move now
             for bank, embedding in ((self.memory_student, e_s), (self.memory_teacher, e_t)):
-                bank[index] = F.normalize(bank[index] * self.momentum + embedding * (1 - self.momentum), dim=1)
+                bank[index] = F.normalize(bank[index] * self.momentum + embedding.detach() * (1 - self.momentum), dim=1)
+        return losses
 
     def _set_normalizers(self, means: list[torch.Tensor]) -> None:
         """Z = n x mean score of the first batch, per side, fixed from then on (the paper's code)."""
@@ -247,8 +227,14 @@ class CRDLoss(DistillLoss):
                                    self._mean_score(e_t, self.memory_student, index, negatives, keep)])
         log_z = self.normalizers.log()
         keep = keep.to(e_s.dtype)
-        return {"student": _SharedNCE.apply(e_s, self.memory_teacher, index, negatives, keep, log_z[0], self.temperature),
-                "teacher": _SharedNCE.apply(e_t, self.memory_student, index, negatives, keep, log_z[1], self.temperature)}
+        log_c = torch.log(keep.sum(1) / self.num_samples)
+        out = {}
+        # student anchors against the teacher bank, teacher anchors against the student bank
+        for side, anchor, bank, z in (("student", e_s, self.memory_teacher, log_z[0]),
+                                      ("teacher", e_t, self.memory_student, log_z[1])):
+            out[side] = _SharedNCE.apply(anchor, bank.index_select(0, index), bank.index_select(0, negatives),
+                                         keep, log_c, z, self.temperature)
+        return out
 
     @torch.no_grad()
     def _mean_score(self, anchor, bank, index, negatives, keep: torch.Tensor) -> torch.Tensor:
