@@ -67,6 +67,17 @@ class SchedulerConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class DataConfig(_Strict):
+    """A dataset by registry name (`featkd list datasets`) with its arguments."""
+
+    name: str = "digits"
+    args: dict[str, Any] = Field(default_factory=dict)
+    batch_size: PositiveInt = 64
+    eval_batch_size: PositiveInt = 512
+    num_workers: NonNegativeInt = 0
+    _expand = _shorthand("name")
+
+
 class TrainConfig(_Strict):
     """How one model is trained: epochs, optimizer, schedule, clipping, accumulation."""
 
@@ -89,11 +100,13 @@ class ModelConfig(_Strict):
 
 
 class TeacherConfig(ModelConfig):
-    """A teacher: loaded from `checkpoint`, or trained first with `train` and `seed`."""
+    """A teacher: loaded from `checkpoint`, or trained first with `train` and `seed` on the
+    run's data (or on its own `data`)."""
 
     train: TrainConfig = Field(default_factory=TrainConfig)
     seed: int = 0
     cache: bool = True
+    data: DataConfig | None = None
 
 
 class PretrainConfig(_Strict):
@@ -128,17 +141,6 @@ class TermConfig(BaseModel):
         return "adapter" in self.model_fields_set
 
 
-class DataConfig(_Strict):
-    """A dataset by registry name (`featkd list datasets`) with its arguments."""
-
-    name: str = "digits"
-    args: dict[str, Any] = Field(default_factory=dict)
-    batch_size: PositiveInt = 64
-    eval_batch_size: PositiveInt = 512
-    num_workers: NonNegativeInt = 0
-    _expand = _shorthand("name")
-
-
 class TeacherCacheConfig(_Strict):
     """Keep the teachers' outputs per training view and reuse them (`teacher_cache: true`)."""
 
@@ -169,15 +171,27 @@ def _live_terms(loss: dict[str, TermConfig | None]) -> dict[str, TermConfig]:
     return {k: v for k, v in loss.items() if v is not None}
 
 
+class SpecialistsConfig(_Strict):
+    """Train specialists on the classes `generalist` confuses (Hinton et al. 2015, section 5)."""
+
+    generalist: str
+    clusters: PositiveInt = 3
+    top_n: PositiveInt = 1
+    specialty_fraction: float = Field(default=0.5, gt=0, le=1)
+    iterations: PositiveInt = 50
+
+
 class StageConfig(_Strict):
     """One stage of an explicit multi-stage run: train `model` (a key of `models:`) with
     `loss`, distilling from the models named in `teacher` (trained by earlier stages or
     loaded from checkpoints). `freeze` / `unfreeze` are parameter-name globs of the trained
     model, applied in that order for this stage only. A stage with `cache: true` is reused
-    from the cache when an identical one (same models, data, settings, seed) ran before."""
+    from the cache when an identical one (same models, data, settings, seed) ran before.
+    `data` replaces the run's data for this stage (same classes and input shape)."""
 
     name: str
-    model: str
+    model: str | None = None
+    specialists: SpecialistsConfig | None = None
     teacher: list[str] = Field(default_factory=list)
     loss: dict[str, TermConfig | None] = Field(default_factory=lambda: {"ce": TermConfig()})
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -185,6 +199,7 @@ class StageConfig(_Strict):
     unfreeze: list[str] = Field(default_factory=list)
     seed: int | None = None
     cache: bool = False
+    data: DataConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -192,6 +207,14 @@ class StageConfig(_Strict):
         if isinstance(value, dict) and isinstance(value.get("teacher"), str):
             value = {**value, "teacher": [value["teacher"]]}
         return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StageConfig:
+        if (self.model is None) == (self.specialists is None):
+            raise ValueError("a stage trains one `model`, or trains `specialists` of a generalist: give exactly one")
+        if self.specialists is not None and (self.teacher or "loss" in self.model_fields_set):
+            raise ValueError("a specialists stage takes no `teacher` or `loss`: its specialists learn from labels")
+        return self
 
     @property
     def terms(self) -> dict[str, TermConfig]:
@@ -384,11 +407,16 @@ def validate(data: dict[str, Any]) -> Config:
 
 def check_semantics(config: Config) -> None:
     """Names that must exist in registries, and arguments their constructors must accept."""
-    from featkd.data import DATASETS
     from featkd.registry import import_plugins
 
     import_plugins(config.plugins)
-    named("data.name", lambda: DATASETS.check_arguments(config.data.name, config.data.args, "data.args"))
+    _check_data("data", config.data)
+    for i, teacher in enumerate(config.teacher or []):
+        if teacher.data is not None:
+            _check_data(f"teacher.{i}.data", teacher.data)
+    for i, stage in enumerate(config.stages or []):
+        if stage.data is not None:
+            _check_data(f"stages.{i}.data", stage.data)
     if config.stages is None:
         _check_model(config.student, "student")
         for i, teacher in enumerate(config.teacher or []):
@@ -401,6 +429,12 @@ def check_semantics(config: Config) -> None:
         _check_stages(config)
     if not (config.device in ("auto", "cpu", "cuda", "mps") or config.device.startswith("cuda:")):
         raise ConfigError(f"device: {config.device!r}; use auto, cpu, cuda, cuda:N or mps.")
+
+
+def _check_data(key: str, data: DataConfig) -> None:
+    from featkd.data import DATASETS
+
+    named(f"{key}.name", lambda: DATASETS.check_arguments(data.name, data.args, f"{key}.args"))
 
 
 def named(key: str, fn: Any) -> Any:
@@ -429,6 +463,21 @@ def _check_stages(config: Config) -> None:
         if stage.name in seen:
             raise ConfigError(f"{key}.name: two stages are named {stage.name!r}; stage names must be unique.")
         seen.add(stage.name)
+        if stage.specialists is not None:
+            general = stage.specialists.generalist
+            if general not in models:
+                raise ConfigError(f"{key}.specialists.generalist: no model {general!r} in `models:`."
+                                  f"{did_you_mean(general, models)}")
+            if general not in ready:
+                raise ConfigError(f"{key}.specialists.generalist: {general!r} is not trained by an earlier stage "
+                                  "nor loaded from a checkpoint.")
+            if stage.name in models:
+                raise ConfigError(f"{key}.name: {stage.name!r} names the specialists' ensemble and is already a "
+                                  "model in `models:`; rename the stage.")
+            _check_training(f"{key}.train", stage.train)
+            ready.add(stage.name)
+            models = {**models, stage.name: models[general]}  # later stages may learn from the ensemble
+            continue
         for field, names in (("model", [stage.model]), ("teacher", stage.teacher)):
             for name in names:
                 if name not in models:

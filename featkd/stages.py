@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featkd.config import Config, ModelConfig, StageConfig, TermConfig, TrainConfig
+from featkd.config import Config, DataConfig, ModelConfig, SpecialistsConfig, StageConfig, TermConfig, TrainConfig
 
 
 @dataclass
@@ -30,10 +30,13 @@ class StagePlan:
     terms: dict[str, TermConfig]
     train: TrainConfig
     seed: int
+    data: DataConfig
     cache: bool = False
     freeze: list[str] = field(default_factory=list)
     unfreeze: list[str] = field(default_factory=list)
     final: bool = False
+    #: a specialists stage: trains specialists of a generalist; `model` names the ensemble
+    specialists: SpecialistsConfig | None = None
 
     def pretrain_name(self, term: str) -> str:
         return f"pretrain-{term}" if self.final else f"{self.name}-pretrain-{term}"
@@ -60,19 +63,19 @@ def plan_stages(config: Config) -> Plan:
         models: dict[str, ModelConfig] = {k: t for k, t in zip(keys, teachers)}
         models["student"] = config.student
         stages = [
-            StagePlan(key, key, [], {"ce": TermConfig()}, t.train, t.seed, cache=t.cache)
+            StagePlan(key, key, [], {"ce": TermConfig()}, t.train, t.seed, t.data or config.data, cache=t.cache)
             for key, t in zip(keys, teachers) if not t.checkpoint
         ]
         stages.append(StagePlan("distill" if teachers else "student", "student", keys, config.terms, config.train,
-                                config.seed))
+                                config.seed, config.data))
     stages[-1].final = True
     return Plan(models, stages)
 
 
 def _explicit(config: Config, stage: StageConfig) -> StagePlan:
-    return StagePlan(stage.name, stage.model, list(stage.teacher), stage.terms, stage.train,
-                     config.seed if stage.seed is None else stage.seed, stage.cache, list(stage.freeze),
-                     list(stage.unfreeze))
+    return StagePlan(stage.name, stage.model or stage.name, list(stage.teacher), stage.terms, stage.train,
+                     config.seed if stage.seed is None else stage.seed, stage.data or config.data, stage.cache,
+                     list(stage.freeze), list(stage.unfreeze), specialists=stage.specialists)
 
 
 def cache_key(config: Config, plan: Plan, index: int) -> str:
@@ -81,7 +84,7 @@ def cache_key(config: Config, plan: Plan, index: int) -> str:
 
     def model_record(key: str, upto: int) -> Any:
         producer = next((i for i in range(upto - 1, -1, -1) if plan.stages[i].model == key), None)
-        spec = plan.models[key].model_dump(mode="json", exclude={"cache"})
+        spec = plan.models[key].model_dump(mode="json", exclude={"cache", "data"}) if key in plan.models else None
         return {"spec": spec, "made_by": stage_record(producer) if producer is not None else None}
 
     def stage_record(i: int) -> Any:
@@ -94,15 +97,16 @@ def cache_key(config: Config, plan: Plan, index: int) -> str:
             "seed": stage.seed,
             "freeze": stage.freeze,
             "unfreeze": stage.unfreeze,
+            "data": stage.data.model_dump(mode="json", exclude={"num_workers", "eval_batch_size"}),
+            "specialists": stage.specialists.model_dump(mode="json") if stage.specialists else None,
+            "generalist": model_record(stage.specialists.generalist, i) if stage.specialists else None,
         }
 
-    record = {"stage": stage_record(index),
-              "data": config.data.model_dump(mode="json", exclude={"num_workers", "eval_batch_size"}),
-              "precision": config.precision}
+    record = {"stage": stage_record(index), "precision": config.precision}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cache_path(config: Config, plan: Plan, index: int) -> Path:
     stage = plan.stages[index]
-    model = plan.models[stage.model].model.replace(":", "_")
+    model = plan.models[stage.model].model.replace(":", "_") if stage.model in plan.models else "specialists"
     return Path(config.output_dir) / "cache" / f"{stage.name}-{model}-{cache_key(config, plan, index)}.pt"

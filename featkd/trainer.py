@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -29,9 +30,9 @@ from tqdm.auto import tqdm
 
 from featkd import distributed
 from featkd.checkpoint import load_checkpoint, save_checkpoint
-from featkd.config import Config, ModelConfig, TermConfig, TrainConfig, dump_yaml, flatten
+from featkd.config import Config, DataConfig, ModelConfig, TermConfig, TrainConfig, dump_yaml, flatten
 from featkd.data import DataBundle, build_data
-from featkd.distiller import Distiller, Term
+from featkd.distiller import Distiller, Term, logits_of
 from featkd.engine import StageResult, StageSettings, StopRequest, evaluate, fit, frozen
 from featkd.errors import CheckpointError, ConfigError
 from featkd.logging import Logger, make_logger
@@ -141,6 +142,19 @@ def _record(spec: ModelConfig, bundle: DataBundle) -> dict[str, Any]:
             "input_shape": list(bundle.input_shape)}
 
 
+@torch.no_grad()
+def _probabilities(model: nn.Module, dataset: Any, batch_size: int, device: torch.device) -> torch.Tensor:
+    """A model's predicted distributions over a dataset (eval mode), N x C."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [torch.softmax(logits_of(model(batch[0].to(device))).float(), 1).cpu()
+               for batch in DataLoader(dataset, batch_size=batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
 def multiply_adds(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> int | None:
     """Multiply-adds of one forward of one sample (FLOPs / 2, counted by torch)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -160,12 +174,11 @@ def multiply_adds(model: nn.Module, input_shape: tuple[int, ...], device: torch.
 # -- data ------------------------------------------------------------------------------------
 
 
-def make_loaders(train_set: Any, test_set: Any, config: Config, seed: int) -> tuple[DataLoader, DataLoader]:
+def make_loaders(train_set: Any, test_set: Any, data: DataConfig, seed: int) -> tuple[DataLoader, DataLoader]:
     """Training loader (shuffled by a seeded permutation per epoch, full batches only, this
     rank's shard) and an ordered test loader (this rank's shard, nothing repeated)."""
     from featkd.distributed import ShardedSampler
 
-    data = config.data
     world = distributed.world_size()
     drop_last = len(train_set) >= data.batch_size * world
     views = getattr(train_set, "views", None) or 1
@@ -220,13 +233,30 @@ class Run:
         self.verbose = verbose
         self.stop = stop
         self.state = RunState(run_dir)
-        self.bundle = build_data(config.data.name, config.data.args)
+        self._bundles: dict[str, DataBundle] = {}
+        self.bundle = self.data(config.data)
         self.plan: Plan = plan_stages(config)
         self.models = build_models(self.plan, self.bundle, config.seed, device)
         if config.channels_last and len(self.bundle.input_shape) == 3:
             for model in self.models.values():
                 model.to(memory_format=torch.channels_last)
         self.results: dict[str, StageResult] = {}
+
+    def data(self, spec: DataConfig) -> DataBundle:
+        """The dataset of a data config, built once; a stage's own data must fit the models."""
+        key = json.dumps(spec.model_dump(mode="json", exclude={"batch_size", "eval_batch_size", "num_workers"}),
+                         sort_keys=True)
+        if key not in self._bundles:
+            bundle = build_data(spec.name, spec.args)
+            if self._bundles and (bundle.num_classes, tuple(bundle.input_shape)) != (
+                    self.bundle.num_classes, tuple(self.bundle.input_shape)):
+                raise ConfigError(
+                    f"a stage's data ({spec.name}) has {bundle.num_classes} classes of shape {bundle.input_shape}, "
+                    f"but the models were built for the run's data: {self.bundle.num_classes} classes of shape "
+                    f"{self.bundle.input_shape}. A stage's data may differ in samples, not in classes or shape."
+                )
+            self._bundles[key] = bundle
+        return self._bundles[key]
 
     def say(self, message: str) -> None:
         if self.config.progress and distributed.rank() == 0:
@@ -261,6 +291,8 @@ class Run:
         return self.finish()
 
     def run_stage(self, index: int, stage: StagePlan) -> StageResult:
+        if stage.specialists is not None:
+            return self.run_specialists(stage)
         model = self.models[stage.model]
         record = self.state.get(stage.name)
         if record.get("status") in ("done", "cached"):
@@ -289,9 +321,10 @@ class Run:
         model = self.models[stage.model]
         spec = self.plan.models[stage.model]
         teachers = [self.models[k] for k in stage.teachers]
+        bundle = self.data(stage.data)
         seed_everything(stage.seed)
         model.requires_grad_(True)  # it may have taught in an earlier stage, frozen
-        example = next(iter(DataLoader(self.bundle.train, batch_size=config.data.batch_size)))[0].to(device)
+        example = next(iter(DataLoader(bundle.train, batch_size=stage.data.batch_size)))[0].to(device)
         cache = config.teacher_cache
         cache_settings = TeacherCacheSettings(cache.dtype, list(cache.features)) if cache.enabled and teachers else None
         with frozen(model, stage.freeze, stage.unfreeze), \
@@ -301,8 +334,8 @@ class Run:
                 backend = "inductor" if config.compile is True else config.compile
                 for module in [model, *teachers]:
                     module.compile(backend=backend)
-            train_set = distiller.prepare_data(self.bundle.train)
-            train_loader, test_loader = make_loaders(train_set, self.bundle.test, config, stage.seed)
+            train_set = distiller.prepare_data(bundle.train)
+            train_loader, test_loader = make_loaders(train_set, bundle.test, stage.data, stage.seed)
             main = self.state.get(stage.name)
             resume = None
             if main.get("status") == "running" and Path(main.get("checkpoint", "")).is_file():
@@ -329,6 +362,69 @@ class Run:
         if not stage.final:
             self.say(f"{stage.name}: {spec.model} trained, top-1 last {result.last_acc:.2f}% "
                      f"(best {result.best_acc:.2f}%)")
+        return result
+
+    def run_specialists(self, stage: StagePlan) -> StageResult:
+        """Train specialists of a generalist on the classes it confuses; register their ensemble
+        as the model `stage.model` (the stage's name), for later stages to learn from."""
+        from featkd import specialists as sp
+
+        cfg = stage.specialists
+        generalist = self.models[cfg.generalist]
+        bundle = self.data(stage.data)
+        path = self.checkpoints(stage.name, stage.final)["last"]
+        record = self.state.get(stage.name)
+        if record.get("status") == "done":
+            payload = load_checkpoint(path)
+            experts = [sp.specialist_from(generalist, c) for c in payload["clusters"]]
+            for expert, state in zip(experts, payload["specialists"]):
+                expert.load_state_dict(state)
+            self.models[stage.model] = sp.SpecialistEnsemble(generalist, experts, payload["clusters"], cfg.top_n,
+                                                             cfg.iterations).to(self.device)
+            return StageResult(**record["result"])
+        if distributed.is_distributed():
+            raise ConfigError(f"stage {stage.name!r}: specialists are trained in a single process; run it without torchrun.")
+        started = time.perf_counter()
+        seed_everything(stage.seed)
+        probs = _probabilities(generalist, bundle.train, stage.data.eval_batch_size, self.device)
+        clusters = sp.confusion_clusters(probs, cfg.clusters, stage.seed)
+        self.state.update(stage.name, status="running", clusters=clusters)
+        experts = []
+        for m, cluster in enumerate(clusters):
+            name = f"{stage.name}-{m}"
+            expert = sp.specialist_from(generalist, cluster)
+            train_set = sp.SpecialistLabels(bundle.train, cluster, bundle.num_classes)
+            sampler = sp.SpecialtySampler(train_set.targets < len(cluster), cfg.specialty_fraction, stage.seed + m)
+            loader = DataLoader(train_set, batch_size=stage.data.batch_size, sampler=sampler, drop_last=True)
+            test_loader = DataLoader(sp.SpecialistLabels(bundle.test, cluster, bundle.num_classes),
+                                     batch_size=stage.data.eval_batch_size)
+            logger = self.logger(name)
+            try:
+                with Distiller(None, expert, [Term("ce")]) as distiller:
+                    result = fit(distiller, loader, test_loader,
+                                 StageSettings(name, stage.train, self.config.precision, self.config.nonfinite,
+                                               progress=self.config.progress, epoch_lines=self.verbose),
+                                 self.device, logger, stop=self.stop)
+                logger.summary({"classes": cluster, "last_acc": result.last_acc})
+            finally:
+                logger.finish()
+            self.say(f"{name}: specialist for classes {cluster} (+ dustbin), top-1 on its label space "
+                     f"{result.last_acc:.2f}%")
+            experts.append(expert)
+        ensemble = sp.SpecialistEnsemble(generalist, experts, clusters, cfg.top_n, cfg.iterations).to(self.device)
+        self.models[stage.model] = ensemble
+        _, test_loader = make_loaders(bundle.train, bundle.test, stage.data, stage.seed)
+        general_acc = evaluate(generalist, test_loader, self.device)["acc"]
+        ensemble_acc = evaluate(ensemble, test_loader, self.device)["acc"]
+        result = StageResult(stage.name, ensemble_acc, stage.train.epochs, ensemble_acc, stage.train.epochs,
+                             time.perf_counter() - started, str(path))
+        if distributed.rank() == 0:
+            save_checkpoint(path, {"kind": "specialists", "clusters": clusters, "generalist_acc": general_acc,
+                                   "specialists": [e.state_dict() for e in experts], "result": asdict(result)})
+        self.state.update(stage.name, status="done", checkpoint=str(path), result=asdict(result),
+                          generalist_acc=general_acc)
+        self.say(f"{stage.name}: generalist top-1 {general_acc:.2f}%, generalist + {len(experts)} specialists "
+                 f"{ensemble_acc:.2f}% (clusters {clusters})")
         return result
 
     def run_pretrain(self, stage: StagePlan, distiller: Distiller, term_name: str, pretrain: Any,
@@ -390,7 +486,8 @@ class Run:
         final = self.plan.final
         student = self.models[final.model]
         teachers = [self.models[k] for k in final.teachers]
-        _, test_loader = make_loaders(self.bundle.train, self.bundle.test, self.config, final.seed)
+        final_data = self.data(final.data)
+        _, test_loader = make_loaders(final_data.train, final_data.test, final.data, final.seed)
         teacher_acc, agreement = [], None
         cl = self.config.channels_last
         for i, teacher in enumerate(teachers):
@@ -403,7 +500,7 @@ class Run:
             self.run_dir, self.results[final.name], dict(self.results), teacher_acc, agreement,
             count_parameters(student), [count_parameters(t) for t in teachers],
             multiply_adds(student, shape, self.device), [multiply_adds(t, shape, self.device) for t in teachers],
-            [self.plan.models[k].model for k in final.teachers])
+            [self.plan.models[k].model if k in self.plan.models else "specialists" for k in final.teachers])
         return outcome
 
 
@@ -484,7 +581,7 @@ def evaluate_checkpoint(path: str | Path, device_name: str = "auto") -> dict[str
     model = build_model(payload["model_name"], payload["num_classes"], payload["input_shape"], payload["model_args"])
     model.load_state_dict(payload["model"])
     model.to(device)
-    _, test_loader = make_loaders(bundle.train, bundle.test, config, config.seed)
+    _, test_loader = make_loaders(bundle.train, bundle.test, config.data, config.seed)
     result = evaluate(model, test_loader, device)
     return {"checkpoint": str(path), "model": payload["model_name"], "stage": payload.get("stage"),
             "epoch": payload.get("epoch"), "acc": result["acc"], "loss": result["loss"],

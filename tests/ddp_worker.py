@@ -21,7 +21,7 @@ teacher = build_model("cnn_small", 10, (1, 8, 8))
 student = build_model("cnn_tiny", 10, (1, 8, 8))  # with BatchNorm: each rank's own statistics
 distiller = Distiller(teacher, student, [Term("ce", 0.1), Term("kd", 0.9), Term("rkd", student="fc:in", teacher="fc:in")],
                       example_input=data.train.inputs[:8])
-train_loader, test_loader = make_loaders(distiller.prepare_data(data.train), data.test, config, seed=0)
+train_loader, test_loader = make_loaders(distiller.prepare_data(data.train), data.test, config.data, seed=0)
 fit(distiller, train_loader, test_loader, StageSettings("distill", config.train, progress=False), device, NullLogger())
 torch.save({k: v.clone() for k, v in distiller.state_dict().items()}, out / f"rank{distributed.rank()}.pt")
 distributed.teardown()

@@ -51,7 +51,7 @@ def test_the_teacher_runs_only_until_every_view_is_cached(tmp_path):
     from featkd.trainer import make_loaders
 
     config = load_config("configs/quickstart.yaml")
-    loader, _ = make_loaders(distiller.prepare_data(bundle.train), bundle.test, config, seed=0)
+    loader, _ = make_loaders(distiller.prepare_data(bundle.train), bundle.test, config.data, seed=0)
     samples = []
     teacher.register_forward_hook(lambda module, args, out: samples.append(len(args[0])))
     seen, per_epoch = set(), []

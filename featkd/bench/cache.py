@@ -65,7 +65,7 @@ def run(teacher: str = "torchvision:resnet34", student: str = "torchvision:resne
         cache = TeacherCacheSettings("fp16") if "cache" in name else None
         distiller = Distiller(None if name == "student alone" else t_model, s_model, terms,
                               example_input=data.train.inputs[:batch].to(dev), teacher_cache=cache)
-        train_loader, test_loader = make_loaders(distiller.prepare_data(data.train), data.test, config, seed=0)
+        train_loader, test_loader = make_loaders(distiller.prepare_data(data.train), data.test, config.data, seed=0)
         recorder = _EpochTimes()
         fit(distiller, train_loader, test_loader, StageSettings(name, train_cfg, progress=False), dev, recorder)
         times[name] = recorder.train_seconds

@@ -1,0 +1,162 @@
+"""Specialist models (Hinton, Vinyals & Dean 2015, section 5).
+
+A generalist model is trained on all classes. Classes it confuses are grouped into clusters
+by k-means on the columns of the covariance matrix of its predicted distributions. Each
+specialist starts from the generalist's weights with a new output layer over its cluster's
+classes plus one "dustbin" class for everything else, and trains on data in which half the
+examples come from its cluster. At inference, for each input:
+
+1. take the `top_n` most probable classes under the generalist, k;
+2. the active specialists are those whose cluster meets k;
+3. find the distribution q over all classes minimising
+   KL(p_g || q) + sum over active m of KL(p_m || q_m),
+   where q_m keeps q on m's classes and puts the rest of q's mass on its dustbin class.
+
+The minimisation is done by expectation-maximisation steps, which lower the objective at
+every step: q(c) <- (p_g(c) + sum_m r_m(c)) / (1 + #active), with r_m(c) = p_m(c) for c in m's
+cluster and p_m(dustbin) q(c) / q(outside m's cluster) otherwise. `SpecialistEnsemble` does
+all of this in its forward pass and returns log q, so it can teach a single student by KD.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+
+from featkd.errors import ConfigError
+
+
+def confusion_clusters(probs: torch.Tensor, num_clusters: int, seed: int = 0) -> list[list[int]]:
+    """Groups of classes the model confuses: k-means on the columns of the covariance of its
+    predicted distributions (probs: N x C). Clusters of a single class are dropped."""
+    from sklearn.cluster import KMeans
+
+    num_classes = probs.shape[1]
+    if not 1 <= num_clusters < num_classes:
+        raise ConfigError(f"specialists: clusters must be between 1 and {num_classes - 1}, got {num_clusters}.")
+    covariance = np.cov(probs.double().cpu().numpy(), rowvar=False)
+    labels = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit_predict(covariance)
+    clusters = [sorted(int(c) for c in np.flatnonzero(labels == k)) for k in range(num_clusters)]
+    return [c for c in clusters if len(c) > 1]
+
+
+def last_linear(model: nn.Module) -> str:
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ConfigError("specialists: the generalist has no linear output layer to replace.")
+    return names[-1]
+
+
+def specialist_from(generalist: nn.Module, cluster: Sequence[int]) -> nn.Module:
+    """A copy of the generalist whose output layer covers the cluster's classes plus a dustbin."""
+    model = copy.deepcopy(generalist)
+    path = last_linear(model).split(".")
+    parent = model.get_submodule(".".join(path[:-1])) if len(path) > 1 else model
+    old: nn.Linear = getattr(parent, path[-1])
+    setattr(parent, path[-1], nn.Linear(old.in_features, len(cluster) + 1).to(old.weight.device))
+    model.requires_grad_(True)
+    return model
+
+
+class SpecialistLabels(Dataset):
+    """A dataset relabelled for one specialist: cluster classes -> 0..n-1, every other class -> n."""
+
+    def __init__(self, dataset: Dataset, cluster: Sequence[int], num_classes: int) -> None:
+        self.dataset = dataset
+        mapping = torch.full((num_classes,), len(cluster), dtype=torch.long)
+        mapping[torch.as_tensor(list(cluster))] = torch.arange(len(cluster))
+        self.mapping = mapping
+        self.targets = mapping[torch.as_tensor(_targets(dataset)).long()]
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple:
+        item = self.dataset[index]
+        return (item[0], self.mapping[int(item[1])], *item[2:])
+
+
+def _targets(dataset: Dataset) -> list[int]:
+    targets = getattr(dataset, "targets", None)
+    return list(targets) if targets is not None else [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+class SpecialtySampler(Sampler[int]):
+    """Each epoch, as many samples as the dataset holds: `fraction` of them from the specialty
+    (sampled with replacement), the rest from the other classes; seeded per epoch."""
+
+    def __init__(self, in_specialty: torch.Tensor, fraction: float = 0.5, seed: int = 0) -> None:
+        self.inside = torch.nonzero(in_specialty).flatten()
+        self.outside = torch.nonzero(~in_specialty).flatten()
+        self.fraction, self.seed, self.epoch = fraction, seed, 0
+        self.size = len(in_specialty)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n_in = int(round(self.size * self.fraction)) if len(self.outside) else self.size
+        picks = [self.inside[torch.randint(len(self.inside), (n_in,), generator=g)]]
+        if len(self.outside):
+            picks.append(self.outside[torch.randint(len(self.outside), (self.size - n_in,), generator=g)])
+        order = torch.cat(picks)
+        return iter(order[torch.randperm(len(order), generator=g)].tolist())
+
+
+def combine(general: torch.Tensor, specialists: Sequence[torch.Tensor], clusters: Sequence[Sequence[int]],
+            top_n: int = 1, iterations: int = 50) -> torch.Tensor:
+    """q minimising KL(p_g || q) + sum_active KL(p_m || q_m), by EM steps; returns log q (B x C).
+
+    general: generalist probabilities (B x C); specialists: each specialist's probabilities
+    over its cluster + dustbin (B x (n_m + 1)).
+    """
+    batch, classes = general.shape
+    top = general.topk(min(top_n, classes), dim=1).indices
+    members = torch.zeros(len(clusters), classes, dtype=torch.bool, device=general.device)
+    for m, cluster in enumerate(clusters):
+        members[m, list(cluster)] = True
+    active = members[:, top].any(-1).T.to(general.dtype)  # (B, M): cluster meets the generalist's top classes
+    if len(clusters) == 0 or not bool(active.any()):
+        return general.clamp_min(1e-12).log()
+    inside = []  # each specialist's probabilities placed on the full class axis, zero outside its cluster
+    dustbin = []
+    for m, (probs, cluster) in enumerate(zip(specialists, clusters)):
+        full = torch.zeros_like(general)
+        full[:, list(cluster)] = probs[:, :-1]
+        inside.append(full)
+        dustbin.append(probs[:, -1])
+    inside_t, dustbin_t = torch.stack(inside, 1), torch.stack(dustbin, 1)  # (B, M, C), (B, M)
+    outside = ~members  # (M, C)
+    q = general.clone()
+    for _ in range(iterations):
+        mass_out = (q[:, None, :] * outside).sum(-1).clamp_min(1e-12)  # (B, M)
+        share = dustbin_t[:, :, None] * q[:, None, :] * outside / mass_out[:, :, None]
+        evidence = ((inside_t + share) * active[:, :, None]).sum(1)  # (B, C)
+        q = (general + evidence) / (1 + active.sum(1, keepdim=True))
+    return q.clamp_min(1e-12).log()
+
+
+class SpecialistEnsemble(nn.Module):
+    """Generalist + specialists, combined as in the paper; forward returns log q (usable as logits)."""
+
+    def __init__(self, generalist: nn.Module, specialists: Sequence[nn.Module], clusters: Sequence[Sequence[int]],
+                 top_n: int = 1, iterations: int = 50) -> None:
+        super().__init__()
+        self.generalist = generalist
+        self.specialists = nn.ModuleList(specialists)
+        self.clusters = [list(c) for c in clusters]
+        self.top_n, self.iterations = top_n, iterations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        general = torch.softmax(self.generalist(x).float(), dim=1)
+        specialists = [torch.softmax(s(x).float(), dim=1) for s in self.specialists]
+        return combine(general, specialists, self.clusters, self.top_n, self.iterations)
