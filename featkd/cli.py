@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="path to a YAML config, or the name of a shipped one (quickstart)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.kd.temperature=2 logger=none")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the config end to end in seconds: tiny synthetic data, one epoch per stage")
 
     p = sub.add_parser("eval", help="top-1 of a trained model's checkpoint on its test set")
     p.add_argument("checkpoint", help="a checkpoint of a featkd run (e.g. runs/<run>/checkpoints/best.pt)")
@@ -51,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="overrides applied to the base config of every variant")
     p.add_argument("--seeds", help="comma-separated seeds, replacing the file's list")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes (default 1)")
+    p.add_argument("--smoke", action="store_true", help="every variant on tiny synthetic data, one epoch, one seed")
 
     p = sub.add_parser("quickstart", help="distil a CNN on digits with KD, FitNets, AT and RKD vs the student alone")
     p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. train.epochs=5")
@@ -118,7 +121,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise ConfigError("featkd train needs a CONFIG (or --resume RUN_DIR).")
-        result = train(load_config(args.config, args.overrides))
+        config = load_config(args.config, args.overrides)
+        if args.smoke:
+            from featkd.config import smoke_config
+
+            config = smoke_config(config)
+        result = train(config)
     from featkd import distributed
 
     if distributed.rank() == 0:
@@ -156,7 +164,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace, file: str | None = None) -> int:
     from featkd.compare import run_comparison
 
-    result = run_comparison(file or args.file, args.overrides, _seeds(args.seeds), jobs=args.jobs)
+    result = run_comparison(file or args.file, args.overrides, _seeds(args.seeds), jobs=args.jobs,
+                            smoke=getattr(args, "smoke", False))
     print()
     print(result.markdown())
     print(f"\n{len(result.rows)} runs in {result.seconds:.0f}s; results in {result.folder}/results.md (.csv, .json)")
@@ -270,7 +279,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("WANDB_SILENT", "true")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come after options (`featkd train CONFIG --smoke key=value`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from featkd.engine import Interrupted, NonFiniteLoss
     from featkd.errors import FeatkdError
 

@@ -35,7 +35,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from featkd.config import Config, apply_overrides, deep_merge, find_config, read_yaml, validate
+from featkd.config import Config, apply_overrides, deep_merge, find_config, read_yaml, smoke_config, validate
 from featkd.errors import ConfigError
 from featkd.trainer import train
 
@@ -142,11 +142,17 @@ def plan(spec: ComparisonSpec, spec_path: Path, overrides: Sequence[str] = ()) -
 
 
 def run_comparison(path: str | Path, overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
-                   progress: bool = True, jobs: int = 1) -> ComparisonResult:
-    """Run every variant for every seed (`jobs` at a time); write results.md / .csv / .json."""
+                   progress: bool = True, jobs: int = 1, smoke: bool = False) -> ComparisonResult:
+    """Run every variant for every seed (`jobs` at a time); write results.md / .csv / .json.
+
+    `smoke` runs each variant once, on tiny synthetic data for one epoch (see `smoke_config`).
+    """
     spec, spec_path = load_spec(path)
     configs = plan(spec, spec_path, overrides)
     seeds = list(seeds) if seeds is not None else spec.seeds
+    if smoke:
+        configs = {name: smoke_config(config) for name, config in configs.items()}
+        seeds = seeds[:1]
     folder = new_folder(next(iter(configs.values())).output_dir, spec.name)
     start = time.perf_counter()
     runs = run_grid(configs, seeds, folder, progress, jobs)

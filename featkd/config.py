@@ -395,6 +395,65 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
     return validate(apply_overrides(raw, overrides))
 
 
+def smoke_config(config: Config, output_dir: str | None = None) -> Config:
+    """A tiny version of a config, to check it end to end in seconds on a CPU: every dataset
+    becomes 16 synthetic samples of the same classes and input shape (ImageNet-sized inputs
+    shrink to 64x64), every stage runs one epoch, checkpoints and pretrained files to load are
+    dropped (the models train briefly instead), and nothing is logged."""
+    from featkd.data import SHAPES, build_data
+
+    data = config.to_dict()
+
+    def tiny(section: dict[str, Any]) -> dict[str, Any]:
+        if section["name"] in SHAPES:
+            classes, shape = SHAPES[section["name"]]
+        else:
+            bundle = build_data(section["name"], section.get("args"))
+            classes, shape = bundle.num_classes, bundle.input_shape
+        shape = [shape[0], *(min(s, 64) for s in shape[1:])]
+        return {**section, "name": "synthetic", "batch_size": 8, "eval_batch_size": 8, "num_workers": 0,
+                "args": {"num_classes": classes, "input_shape": shape, "train_size": 16, "test_size": 8}}
+
+    def short(train: dict[str, Any]) -> dict[str, Any]:
+        return {**train, "epochs": 1}
+
+    def loss(terms: dict[str, Any]) -> dict[str, Any]:
+        from featkd.losses import LOSSES
+
+        out = {}
+        for name, term in terms.items():
+            if term is not None:
+                term = {**term}
+                staged = LOSSES.get(term.get("type") or name).pretrain is not None
+                if staged and (term.get("pretrain") or {}).get("epochs") != 0:
+                    term["pretrain"] = {**(term.get("pretrain") or {}), "epochs": 1}
+                if "num_negatives" in term:
+                    term["num_negatives"] = min(term["num_negatives"], 256)
+            out[name] = term
+        return out
+
+    data.update(data=tiny(data["data"]), train=short(data["train"]), loss=loss(data["loss"]), logger={"name": "none"},
+                progress=False, compile=False)
+    for teacher in data.get("teacher") or []:
+        teacher.update(train=short(teacher["train"]), checkpoint=None, pretrained=None)
+        if teacher.get("data"):
+            teacher["data"] = tiny(teacher["data"])
+    for model in (data.get("models") or {}).values():
+        model.update(checkpoint=None, pretrained=None)
+    if data.get("student"):
+        data["student"].update(checkpoint=None, pretrained=None)
+    for stage in data.get("stages") or []:
+        stage.update(train=short(stage["train"]), loss=loss(stage["loss"]))
+        if stage.get("data"):
+            stage["data"] = tiny(stage["data"])
+    if output_dir is not None:
+        data["output_dir"] = output_dir
+    if config.stages is not None:  # the simple form's defaults would read as set keys
+        for key in ("teacher", "student", "loss", "train"):
+            data.pop(key, None)
+    return validate(data)
+
+
 def validate(data: dict[str, Any]) -> Config:
     """Structure and types (pydantic), then registry names and arguments."""
     try:

@@ -266,6 +266,35 @@ def cifar100(root: str = "data", augment: bool = True) -> DataBundle:
     return _cifar("cifar100", root, augment)
 
 
+@DATASETS.register("imagenet")
+def imagenet(root: str = "data/imagenet", augment: bool = True, image_size: int = 224) -> DataBundle:
+    """ImageNet-1k from a local folder with `train/` and `val/` class folders (ImageFolder layout):
+    random-resized crops and flips for training, resize + center crop for validation."""
+    import torchvision
+    from torchvision import transforms as T
+
+    folders = [Path(root) / "train", Path(root) / "val"]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        raise DataError(
+            f"imagenet: {', '.join(missing)} not found. featkd does not download data: put the ILSVRC-2012 training "
+            "and validation images in train/ and val/, one folder per class, and set data.args.root."
+        )
+    normalize = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    train_tf = T.Compose(([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if augment
+                          else [T.Resize(int(image_size * 8 / 7)), T.CenterCrop(image_size)]) + normalize)
+    val_tf = T.Compose([T.Resize(int(image_size * 8 / 7)), T.CenterCrop(image_size), *normalize])
+    train = torchvision.datasets.ImageFolder(str(folders[0]), train_tf)
+    train.replayable_views = None if augment else 1
+    test = torchvision.datasets.ImageFolder(str(folders[1]), val_tf)
+    return DataBundle(train, test, num_classes=len(train.classes), input_shape=(3, image_size, image_size),
+                      class_names=list(train.classes))
+
+
+#: (classes, input shape) of datasets that live on disk, for `--smoke` runs that replace them.
+SHAPES = {"cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32)), "imagenet": (1000, (3, 224, 224))}
+
+
 def build_data(name: str, args: dict | None = None) -> DataBundle:
     """Build a dataset by registry name with arguments checked against its builder."""
     return DATASETS.build(name, **(args or {}))

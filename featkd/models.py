@@ -282,3 +282,6 @@ def default_input_shape(name: str) -> tuple[int, ...]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+from featkd import cifar_models  # noqa: E402,F401  (registers the CIFAR benchmark architectures)

@@ -85,3 +85,18 @@ def test_stage_graphs_are_validated_before_anything_runs(override, message):
 def test_a_config_needs_a_student_or_stages():
     with pytest.raises(ConfigError, match="give `student:`"):
         load_config(data={"logger": "none"})
+
+
+def test_a_stage_can_train_on_its_own_data(tmp_path):
+    config = load_config("configs/quickstart.yaml", [
+        f"output_dir={tmp_path}", "logger=none", "progress=false", "teacher.train.epochs=1", "train.epochs=1",
+        "data.args.train_fraction=0.1", "teacher.data.name=digits"])
+    result = train(config)
+    steps = {r["stage"]: r["epoch"] for r in records(result.run_dir)}
+    teacher_state = load_checkpoint(result.run_dir / "checkpoints" / "teacher-last.pt")
+    student_state = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
+    assert teacher_state["step"] == 1437 // 64 and student_state["step"] == 143 // 64  # full data vs 10%
+    assert steps == {"teacher": 1, "distill": 1}
+    with pytest.raises(ConfigError, match="not in classes or shape"):
+        train(load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", "logger=none", "progress=false",
+                                                      "teacher.data.name=mnist1d", "teacher.train.epochs=1"]))
