@@ -399,7 +399,8 @@ def smoke_config(config: Config, output_dir: str | None = None) -> Config:
     """A tiny version of a config, to check it end to end in seconds on a CPU: every dataset
     becomes 16 synthetic samples of the same classes and input shape (ImageNet-sized inputs
     shrink to 64x64), every stage runs one epoch, checkpoints and pretrained files to load are
-    dropped (the models train briefly instead), and nothing is logged."""
+    dropped (the models train briefly instead), nothing is logged, and steps whose loss is not
+    finite are skipped (a smoke run checks the wiring, on noise, not the numbers)."""
     from featkd.data import SHAPES, build_data
 
     data = config.to_dict()
@@ -433,7 +434,7 @@ def smoke_config(config: Config, output_dir: str | None = None) -> Config:
         return out
 
     data.update(data=tiny(data["data"]), train=short(data["train"]), loss=loss(data["loss"]), logger={"name": "none"},
-                progress=False, compile=False)
+                progress=False, compile=False, nonfinite="skip")
     for teacher in data.get("teacher") or []:
         teacher.update(train=short(teacher["train"]), checkpoint=None, pretrained=None)
         if teacher.get("data"):

@@ -353,7 +353,9 @@ class Distiller(nn.Module):
                     raise ConfigError(f"term {term.name!r} needs labels: call distiller(x, targets).")
                 extras = self._batch_fields(term, batch)
                 if term.module.consumes == "logits":
-                    total = self._record(parts, term.name, term.module(logits, t_logits, targets, **extras))
+                    with full_precision_losses(logits):
+                        value = term.module(logits, t_logits, targets, **extras)
+                    total = self._record(parts, term.name, value)
                 else:
                     total = self._feature_term(term, term.module, student_feats,
                                                teacher_feats.get(term.teacher_index, {}), parts, extras)
@@ -470,6 +472,11 @@ class Distiller(nn.Module):
 
     def _feature_value(self, term: Term, objective: Callable, pairs: list[_Pair], students: list, teachers: list,
                        extras: dict[str, Any], parts: dict, name: str) -> torch.Tensor:
+        with full_precision_losses(teachers[0]):  # adapters ran under autocast; losses do not
+            return self._feature_objective(term, objective, pairs, students, teachers, extras, parts, name)
+
+    def _feature_objective(self, term: Term, objective: Callable, pairs: list[_Pair], students: list, teachers: list,
+                           extras: dict[str, Any], parts: dict, name: str) -> torch.Tensor:
         if not term.module.pairwise:
             value = objective(students, teachers, **extras)
             if isinstance(value, (list, tuple)):  # one value per pair, logged under the pair's name
@@ -599,6 +606,12 @@ class Distiller(nn.Module):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def full_precision_losses(reference: torch.Tensor):
+    """Autocast off while losses compute: under mixed precision their inputs arrive in half
+    precision, losses upcast them, and matrix products in the losses stay in fp32."""
+    return torch.autocast(reference.device.type, enabled=False)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -181,7 +181,7 @@ class VIDLoss(DistillLoss):
             raise ConfigError("vid: regressors are built from probed shapes; pass example_input to the Distiller.")
         losses = []
         for regressor, variance, s, t in zip(self.regressors, self.variances(), students, teachers):
-            s, t = pool_to_common_size(s, t.detach())
+            s, t = pool_to_common_size(full_precision(s), full_precision(t.detach()))
             mean = regressor(s)
             var = variance.view(1, -1, *([1] * (t.dim() - 2)))
             losses.append((0.5 * ((full_precision(mean) - full_precision(t)).pow(2) / var + var.log())).mean())
@@ -271,8 +271,8 @@ class FactorTransfer(DistillLoss):
         if self.paraphraser is None or self.translator is None:
             raise ConfigError("ft: paraphraser and translator are built from probed shapes; pass example_input.")
         with torch.no_grad():  # the paraphraser is fixed after its own stage
-            factor_t = self.paraphraser.encoder(teacher.detach())
-        factor_s = self.translator(student)
+            factor_t = self.paraphraser.encoder(full_precision(teacher.detach()))
+        factor_s = self.translator(full_precision(student))
         factor_s, factor_t = pool_to_common_size(factor_s, factor_t)
         diff = self._normalized(factor_s) - self._normalized(factor_t)
         return diff.abs().mean() if self.p == 1 else diff.pow(2).mean()
@@ -280,7 +280,7 @@ class FactorTransfer(DistillLoss):
     def pretrain_loss(self, student: torch.Tensor | None, teacher: torch.Tensor) -> torch.Tensor:
         if self.paraphraser is None:
             raise ConfigError("ft: the paraphraser is built from probed shapes; pass example_input.")
-        teacher = teacher.detach()
+        teacher = full_precision(teacher.detach())
         return F.mse_loss(self.paraphraser(teacher), teacher)
 
     def pretrain_parameters(self):

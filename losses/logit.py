@@ -33,7 +33,7 @@ class CrossEntropy(DistillLoss):
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: TeacherLogits | None, targets: torch.Tensor
     ) -> torch.Tensor:
-        return F.cross_entropy(student_logits, targets, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(full_precision(student_logits), targets, label_smoothing=self.label_smoothing)
 
 
 @LOSSES.register("kd")

@@ -83,10 +83,25 @@ def test_under_autocast_models_run_in_low_precision_and_losses_in_fp32():
 
 
 def test_relational_losses_compute_in_fp32_under_autocast():
-    s, t = torch.randn(8, 4, dtype=torch.bfloat16), torch.randn(8, 6, dtype=torch.bfloat16)
+    from featkd import Distiller, Term
+    from featkd.models import build_model
+
+    torch.manual_seed(0)
+    teacher, student = build_model("cnn_small", 10, (1, 8, 8)), build_model("cnn_tiny", 10, (1, 8, 8))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    terms = [Term(n, student="fc:in", teacher="fc:in") for n in ("rkd", "sp", "pkt", "cc")]
+    distiller = Distiller(teacher, student, terms, example_input=x).eval()
+    captured = {}
+    for name in ("rkd", "sp", "pkt", "cc"):
+        module = distiller.losses[name]
+        module.register_forward_hook(lambda m, args, out, name=name: captured.setdefault(name, args) and None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        parts = RKDLoss()(s, t)
-    assert all(v.dtype == torch.float32 for v in parts.values())
+        mixed = distiller(x, y)
+    for name, (s, t) in captured.items():  # the losses got bf16 features; recompute them in fp32 by hand
+        exact = distiller.losses[name](s.float(), t.float())
+        exact = sum(exact.values()) if isinstance(exact, dict) else exact
+        weight = next(t.weight for t in distiller.terms if t.name == name)
+        assert mixed.losses[name].item() == pytest.approx(weight * exact.item(), rel=1e-5), name
 
 
 def test_accumulating_two_half_batches_equals_one_full_batch(tmp_path):
