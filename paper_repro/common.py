@@ -1,0 +1,68 @@
+"""What the claims share: running a comparison, judging a claim, writing its results.
+
+A claim is judged on last-epoch top-1 over seeds (mean and sample standard deviation):
+held when the claimed improvement exceeds the pooled standard deviation, not held when the
+opposite difference does, and inconclusive (within noise) otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from featkd.compare import ComparisonResult, run_comparison
+
+ROOT = Path(__file__).resolve().parent
+RESULTS_START, RESULTS_END = "<!-- results -->", "<!-- /results -->"
+
+
+def output_dir(claim: str) -> str:
+    return str(ROOT.parent / "runs" / "paper_repro" / claim)
+
+
+def compare(folder: Path, file: str = "compare.yaml", seeds: Sequence[int] | None = None,
+            overrides: Sequence[str] = ()) -> ComparisonResult:
+    """Run a claim's comparison file, its runs under runs/paper_repro/<claim>/."""
+    return run_comparison(folder / file, [f"output_dir={output_dir(folder.name)}", "logger=none", *overrides],
+                          seeds=seeds)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def verdict(better: Sequence[float], than: Sequence[float]) -> str:
+    """Whether `better` beats `than` beyond the noise of the seeds."""
+    (a, sa), (b, sb) = mean_std(better), mean_std(than)
+    noise = math.sqrt((sa**2 + sb**2) / 2)
+    diff = a - b
+    if diff > noise and diff > 0:
+        return "held"
+    if diff < -noise and diff < 0:
+        return "not held"
+    return "inconclusive (within noise)"
+
+
+def last_accuracies(result: ComparisonResult, variant: str) -> list[float]:
+    return [r.last_acc for r in result.rows if r.variant == variant]
+
+
+def fmt(values: Sequence[float]) -> str:
+    m, s = mean_std(values)
+    return f"{m:.2f} ± {s:.2f}"
+
+
+def write(folder: Path, markdown: str, summary: dict[str, Any]) -> None:
+    """Keep a claim's results: results.md, claim.json, and the results section of its README."""
+    (folder / "results.md").write_text(markdown.strip() + "\n")
+    (folder / "claim.json").write_text(json.dumps(summary, indent=2) + "\n")
+    readme = folder / "README.md"
+    text = readme.read_text()
+    if RESULTS_START in text and RESULTS_END in text:
+        head, rest = text.split(RESULTS_START, 1)
+        _, tail = rest.split(RESULTS_END, 1)
+        readme.write_text(f"{head}{RESULTS_START}\n{markdown.strip()}\n{RESULTS_END}{tail}")
