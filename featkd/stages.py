@@ -109,4 +109,4 @@ def cache_key(config: Config, plan: Plan, index: int) -> str:
 def cache_path(config: Config, plan: Plan, index: int) -> Path:
     stage = plan.stages[index]
     model = plan.models[stage.model].model.replace(":", "_") if stage.model in plan.models else "specialists"
-    return Path(config.output_dir) / "cache" / f"{stage.name}-{model}-{cache_key(config, plan, index)}.pt"
+    return Path(config.output_dir) / "cache" / f"{model}-{cache_key(config, plan, index)}.pt"

@@ -45,7 +45,7 @@ def test_a_sweep_writes_one_row_per_setting_over_seeds(tmp_path, jobs):
     assert float(rows[1]["top1_last_mean"]) == pytest.approx(sum(mine) / 2, abs=1e-3)
     assert result.folder.name.startswith("t-sweep")
     # the teacher was trained once and shared by every run
-    teachers = list((tmp_path / "cache").glob("teacher-*.pt"))
+    teachers = list((tmp_path / "cache").glob("cnn_large-*.pt"))
     assert len(teachers) == 1
 
 
