@@ -275,8 +275,9 @@ class Config(_Strict):
         return self.stages[-1].terms if self.stages else _live_terms(self.loss)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (what is saved as config.yaml and sent to W&B)."""
-        return self.model_dump(mode="json")
+        """Plain data (what is saved as config.yaml and sent to W&B), in the config's own form."""
+        unused = {"teacher", "student", "loss", "train"} if self.stages is not None else {"models", "stages"}
+        return self.model_dump(mode="json", exclude=unused)
 
 
 # -- loading -----------------------------------------------------------------------------
@@ -433,8 +434,9 @@ def smoke_config(config: Config, output_dir: str | None = None) -> Config:
             out[name] = term
         return out
 
-    data.update(data=tiny(data["data"]), train=short(data["train"]), loss=loss(data["loss"]), logger={"name": "none"},
-                progress=False, compile=False, nonfinite="skip")
+    data.update(data=tiny(data["data"]), logger={"name": "none"}, progress=False, compile=False, nonfinite="skip")
+    if "train" in data:
+        data.update(train=short(data["train"]), loss=loss(data["loss"]))
     for teacher in data.get("teacher") or []:
         teacher.update(train=short(teacher["train"]), checkpoint=None, pretrained=None)
         if teacher.get("data"):
@@ -449,9 +451,6 @@ def smoke_config(config: Config, output_dir: str | None = None) -> Config:
             stage["data"] = tiny(stage["data"])
     if output_dir is not None:
         data["output_dir"] = output_dir
-    if config.stages is not None:  # the simple form's defaults would read as set keys
-        for key in ("teacher", "student", "loss", "train"):
-            data.pop(key, None)
     return validate(data)
 
 
