@@ -127,7 +127,7 @@ class TermConfig(BaseModel):
     weight: float | None = None
     student: str | list[str] | None = None
     teacher: str | list[str] | None = None
-    adapter: str | None = None
+    adapter: str | None = "default"  # "default": the loss's own choice; null: none
     teacher_index: NonNegativeInt = 0
     gather: bool = False
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
@@ -135,10 +135,6 @@ class TermConfig(BaseModel):
     @property
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
-
-    @property
-    def adapter_given(self) -> bool:
-        return "adapter" in self.model_fields_set
 
 
 class TeacherCacheConfig(_Strict):
@@ -568,7 +564,7 @@ def _check_loss(key_prefix: str, loss: dict[str, TermConfig | None], n_teachers:
         loss_name = term.type or name
         cls = named(f"{key}.type" if term.type else key, lambda n=loss_name: LOSSES.get(n))
         named(key, lambda c=cls, t=term, k=key: check_arguments(c, t.params, k))
-        if term.adapter is not None:
+        if term.adapter not in (None, "default"):
             named(f"{key}.adapter", lambda t=term: ADAPTERS.get(t.adapter))
         if cls.needs_teacher and not n_teachers:
             raise ConfigError(f"{key}: {loss_name!r} needs a teacher; {how} or remove it with {key}=null.")

@@ -35,7 +35,6 @@ from featkd.losses import LOSSES, DistillLoss
 from featkd.losses.base import PretrainStage
 from featkd.teacher_cache import TeacherCache, TeacherCacheSettings
 
-_DEFAULT = object()
 
 
 class Term:
@@ -46,7 +45,7 @@ class Term:
         weight: multiplies the term; default: the loss's literature default.
         student, teacher: feature names (globs allowed) for feature losses; pairs are
             matched in order, so `student="layer*", teacher="layer*"` matches stage by stage.
-        adapter: student-side adapter name (`featkd list adapters`), `None` for none; default:
+        adapter: student-side adapter name (`featkd list adapters`), `None` for none; "default":
             the loss's own default (`auto` for FitNets, none for AT and RKD).
         name: the term's name in logs and `out.losses`; default: the loss name.
         teacher_index: which teacher of an ensemble a feature term reads (default 0).
@@ -62,7 +61,7 @@ class Term:
         *,
         student: str | Sequence[str] | None = None,
         teacher: str | Sequence[str] | None = None,
-        adapter: str | None | object = _DEFAULT,
+        adapter: str | None = "default",
         name: str | None = None,
         teacher_index: int = 0,
         gather: bool = False,
@@ -82,7 +81,7 @@ class Term:
         self.weight = float(cls.default_weight if weight is None else weight)
         self.student = [student] if isinstance(student, str) else list(student or [])
         self.teacher = [teacher] if isinstance(teacher, str) else list(teacher or [])
-        self.adapter = cls.default_adapter if adapter is _DEFAULT else adapter
+        self.adapter = cls.default_adapter if adapter == "default" else adapter
         self.name = name or self.loss
         self.teacher_index = teacher_index
         self.gather = gather

@@ -194,7 +194,7 @@ def terms_from(loss: dict[str, TermConfig]) -> list[Term]:
     """Distiller terms from a config's `loss:` section."""
     terms = []
     for name, spec in loss.items():
-        extra: dict[str, Any] = {"adapter": spec.adapter} if spec.adapter_given else {}
+        extra: dict[str, Any] = {} if spec.adapter == "default" else {"adapter": spec.adapter}
         terms.append(Term(spec.type or name, spec.weight, student=spec.student, teacher=spec.teacher, name=name,
                           teacher_index=spec.teacher_index, gather=spec.gather, **extra, **spec.params))
     return terms

@@ -94,3 +94,18 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 def test_flatten_gives_dotted_keys():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": []}) == {"a.b": 1, "a.c.d": 2, "e": []}
+
+
+def test_a_saved_config_keeps_each_terms_adapter_choice():
+    """The resolved config a run saves (and --smoke, compare and resume reload) must build the
+    same adapters as the file it came from: the loss's default, none, or a named one."""
+    from featkd.trainer import terms_from
+
+    config = load_config("zoo/ab.yaml", ["loss.hint_plain.type=fitnet", "loss.hint_plain.student=layer2",
+                                         "loss.hint_plain.teacher=layer2", "loss.hint_plain.adapter=null",
+                                         "loss.named.type=fitnet", "loss.named.student=layer3",
+                                         "loss.named.teacher=layer3", "loss.named.adapter=conv"])
+    reloaded = load_config(data=yaml.safe_load(yaml.safe_dump(config.to_dict())))
+    for cfg in (config, reloaded):
+        adapters = {t.name: t.adapter for t in terms_from(cfg.terms)}
+        assert adapters == {"ce": None, "ab": "auto", "hint_plain": None, "named": "conv"}
