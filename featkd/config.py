@@ -189,7 +189,7 @@ class StageConfig(_Strict):
     model: str | None = None
     specialists: SpecialistsConfig | None = None
     teacher: list[str] = Field(default_factory=list)
-    loss: dict[str, TermConfig | None] = Field(default_factory=lambda: {"ce": TermConfig()})
+    loss: dict[str, TermConfig | None] | None = None  # a model stage's default: cross-entropy only
     train: TrainConfig = Field(default_factory=TrainConfig)
     freeze: list[str] = Field(default_factory=list)
     unfreeze: list[str] = Field(default_factory=list)
@@ -208,13 +208,15 @@ class StageConfig(_Strict):
     def _one_kind(self) -> StageConfig:
         if (self.model is None) == (self.specialists is None):
             raise ValueError("a stage trains one `model`, or trains `specialists` of a generalist: give exactly one")
-        if self.specialists is not None and (self.teacher or "loss" in self.model_fields_set):
+        if self.specialists is not None and (self.teacher or self.loss is not None):
             raise ValueError("a specialists stage takes no `teacher` or `loss`: its specialists learn from labels")
+        if self.model is not None and self.loss is None:
+            self.loss = {"ce": TermConfig()}
         return self
 
     @property
     def terms(self) -> dict[str, TermConfig]:
-        return _live_terms(self.loss)
+        return _live_terms(self.loss or {})
 
 
 class Config(_Strict):
@@ -442,7 +444,7 @@ def smoke_config(config: Config, output_dir: str | None = None) -> Config:
     if data.get("student"):
         data["student"].update(checkpoint=None, pretrained=None)
     for stage in data.get("stages") or []:
-        stage.update(train=short(stage["train"]), loss=loss(stage["loss"]))
+        stage.update(train=short(stage["train"]), loss=loss(stage["loss"]) if stage["loss"] is not None else None)
         if stage.get("data"):
             stage["data"] = tiny(stage["data"])
     if output_dir is not None:
@@ -670,4 +672,5 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def dump_yaml(config: Config) -> str:
+    """The config as YAML, keys in their own order (what a run saves as config.yaml)."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from featkd.compare import load_spec, plan
-from featkd.config import load_config
+from featkd.config import dump_yaml, load_config
 from featkd.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -45,3 +45,37 @@ def test_run_config_trains_on_tiny_settings(path, tmp_path):
 def test_comparison_files_validate(path):
     spec, spec_path = load_spec(path)
     assert set(plan(spec, spec_path)) == set(spec.variants)
+
+
+ROOT = CONFIGS.parent
+ALL_RUN_CONFIGS = RUN_CONFIGS + sorted(
+    p for p in (ROOT / "paper_repro").rglob("*.yaml")
+    if p.name != "base.yaml" and "variants" not in yaml.safe_load(p.read_text())
+)
+
+
+def _roundtrip(config):
+    return load_config(data=yaml.safe_load(dump_yaml(config)))
+
+
+def _plan(config):
+    from featkd.trainer import terms_from
+
+    stages = config.stages or []
+    terms = [terms_from(s.terms) for s in stages] if stages else [terms_from(config.terms)]
+    return config.to_dict(), [[(t.name, t.loss, t.weight, t.adapter, t.student, t.teacher) for t in ts] for ts in terms]
+
+
+@pytest.mark.parametrize("path", ALL_RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_saved_config_reloads_to_the_same_run(path):
+    """config.yaml (saved by every run, reloaded by --resume, --smoke and compare) must mean
+    what the file it came from meant: same settings, same terms, same adapters."""
+    config = load_config(path)
+    assert _plan(_roundtrip(config)) == _plan(config)
+
+
+@pytest.mark.parametrize("path", COMPARISONS, ids=lambda p: p.name)
+def test_every_variant_of_a_comparison_reloads_to_the_same_run(path):
+    spec, spec_path = load_spec(path)
+    for config in plan(spec, spec_path).values():
+        assert _plan(_roundtrip(config)) == _plan(config)
