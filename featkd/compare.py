@@ -26,7 +26,7 @@ import re
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,8 @@ class ComparisonResult:
     teacher_models: list[str]
     baseline: str | None
     seconds: float
+    #: each variant's teachers as (model, top-1 mean over seeds), for comparisons of teachers
+    teachers_by_variant: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
     def markdown(self) -> str:
         return results_markdown(self)
@@ -160,7 +162,7 @@ def run_comparison(path: str | Path, overrides: Sequence[str] = (), seeds: Seque
     teacher = next((result for _, result in runs if result["teacher_acc"]), None)
     outcome = ComparisonResult(spec.name, folder, rows, summarize(rows, list(configs), spec.baseline),
                                teacher["teacher_acc"] if teacher else [], teacher["teacher_models"] if teacher else [],
-                               spec.baseline, time.perf_counter() - start)
+                               spec.baseline, time.perf_counter() - start, teachers_by_variant(runs))
     write_results(outcome)
     return outcome
 
@@ -235,6 +237,25 @@ def run_grid(configs: dict[str, Config], seeds: Sequence[int], folder: Path, pro
     return [results[i] for i in range(len(tasks))]
 
 
+def teachers_by_variant(runs: list[tuple[RunRow, dict[str, Any]]]) -> dict[str, list[tuple[str, float]]]:
+    """Each variant's teachers and their top-1, averaged over the variant's seeds."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for row, outcome in runs:
+        if outcome["teacher_acc"]:
+            grouped.setdefault(row.variant, []).append(outcome)
+    return {variant: [(model, statistics.fmean(o["teacher_acc"][i] for o in outcomes))
+                      for i, model in enumerate(outcomes[0]["teacher_models"])]
+            for variant, outcomes in grouped.items()}
+
+
+def _teacher_lines(result: ComparisonResult) -> list[str]:
+    described = {tuple((m, round(a, 2)) for m, a in t) for t in result.teachers_by_variant.values()}
+    if len(described) > 1:  # the variants compare teachers: name each one's
+        return [f"Teacher{'s' if len(teachers) > 1 else ''} of {variant}: " + ", ".join(f"{m} top-1 {a:.2f}%" for m, a in teachers) + " (last epoch)."
+                for variant, teachers in result.teachers_by_variant.items()]
+    return [f"Teacher {model}: top-1 {acc:.2f}% (last epoch)." for model, acc in zip(result.teacher_models, result.teacher_acc)]
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -255,9 +276,7 @@ def summarize(rows: list[RunRow], order: list[str], baseline: str | None) -> lis
 
 def results_markdown(result: ComparisonResult) -> str:
     seeds = sorted({r.seed for r in result.rows})
-    lines = []
-    for model, acc in zip(result.teacher_models, result.teacher_acc):
-        lines.append(f"Teacher {model}: top-1 {acc:.2f}% (last epoch).")
+    lines = _teacher_lines(result)
     lines += [
         f"Student top-1 on the test set, mean ± std over seeds {', '.join(map(str, seeds))}. "
         "*last* = after the final epoch; *best* = best epoch (selected on the test set, so optimistic).",
@@ -281,6 +300,7 @@ def write_results(result: ComparisonResult) -> None:
         "name": result.name,
         "baseline": result.baseline,
         "teacher_acc": result.teacher_acc,
+        "teachers_by_variant": result.teachers_by_variant,
         "summaries": [asdict(s) for s in result.summaries],
         "runs": [asdict(r) for r in result.rows],
         "seconds": result.seconds,

@@ -171,3 +171,17 @@ def test_bench_scaling_and_cache_suites(tmp_path, capsys):
     assert main(["bench", "cache", "--teacher", "cnn_small", "--student", "cnn_tiny", "--input-shape", "1,8,8",
                  "--classes", "10", "--batch", "32"]) == 0
     assert "KD + teacher cache" in capsys.readouterr().out
+
+
+def test_results_name_each_variants_teacher_when_the_variants_compare_teachers(tmp_path):
+    from featkd.compare import ComparisonResult, results_markdown
+
+    def result(teachers):
+        return ComparisonResult("t", tmp_path, [], [], [99.0], ["cnn_large"], None, 1.0, teachers)
+
+    same = results_markdown(result({"KD": [("cnn_large", 99.0)], "AT": [("cnn_large", 99.0)]}))
+    assert "Teacher cnn_large: top-1 99.00% (last epoch)." in same and " of " not in same.splitlines()[0]
+    differ = results_markdown(result({"small": [("cnn_small", 97.5)], "large": [("cnn_large", 99.0)]}))
+    assert "Teacher of small: cnn_small top-1 97.50% (last epoch)." in differ
+    assert "Teacher of large: cnn_large top-1 99.00% (last epoch)." in differ
+    assert "Teacher cnn_large:" not in differ

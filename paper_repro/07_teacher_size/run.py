@@ -3,30 +3,18 @@
 from pathlib import Path
 
 import common
-from featkd.config import load_config
-from featkd.stages import cache_path, plan_stages
-from featkd.checkpoint import load_checkpoint
 
 FOLDER = Path(__file__).resolve().parent
 SIZES = ["small teacher (cnn_small, 24k)", "large teacher (cnn_large, 1.1M)", "very large teacher (4.7M)"]
 
 
-def teacher_accuracy(result, variant: str) -> float:
-    """The top-1 each variant's (cached) teacher reached."""
-    run_dir = Path(next(r.run_dir for r in result.rows if r.variant == variant))
-    config = load_config(run_dir / "config.yaml")
-    return load_checkpoint(cache_path(config, plan_stages(config), 0))["result"]["last_acc"]
-
-
 def main() -> dict:
     result = common.compare(FOLDER)
     students = {v: common.last_accuracies(result, v) for v in [*SIZES, "large teacher, stopped early (5 epochs)"]}
-    teachers = {v: teacher_accuracy(result, v) for v in students}
+    teachers = {v: result.teachers_by_variant[v][0][1] for v in students}
     larger = common.verdict(students[SIZES[2]], students[SIZES[0]])
     early = common.verdict(students["large teacher, stopped early (5 epochs)"], students[SIZES[1]])
-    # the comparison's own teacher line names only the first variant's teacher; the table below has all
-    table = "\n".join(line for line in result.markdown().splitlines() if not line.startswith("Teacher "))
-    lines = [table, "", "| teacher | teacher top-1 | student top-1 (last) |", "|---|---|---|"]
+    lines = [result.markdown(), "", "| teacher | teacher top-1 | student top-1 (last) |", "|---|---|---|"]
     lines += [f"| {v} | {teachers[v]:.2f} | {common.fmt(students[v])} |" for v in students]
     lines += ["", f"Does the largest teacher give a better student than the smallest? **{larger}**. "
               f"Does stopping the large teacher early give a better student than the fully trained one? **{early}**. "
