@@ -15,20 +15,35 @@ from pathlib import Path
 from typing import Any
 
 from featkd.compare import ComparisonResult, run_comparison
+from featkd.config import Config, load_config, smoke_config
 
 ROOT = Path(__file__).resolve().parent
 RESULTS_START, RESULTS_END = "<!-- results -->", "<!-- /results -->"
 
+#: Set by `run.py --smoke`: every run on tiny synthetic data for one epoch and one seed, to
+#: check the claims' code end to end in seconds; results stay under OUTPUT_ROOT, READMEs untouched.
+SMOKE = False
+OUTPUT_ROOT = ROOT.parent / "runs" / "paper_repro"
+
 
 def output_dir(claim: str) -> str:
-    return str(ROOT.parent / "runs" / "paper_repro" / claim)
+    return str(Path(OUTPUT_ROOT) / claim)
 
 
-def compare(folder: Path, file: str = "compare.yaml", seeds: Sequence[int] | None = None,
-            overrides: Sequence[str] = ()) -> ComparisonResult:
+def seeds(default: Sequence[int] = (0, 1, 2)) -> list[int]:
+    return list(default)[:1] if SMOKE else list(default)
+
+
+def config(path: Path, overrides: Sequence[str] = ()) -> Config:
+    """A claim's config with its overrides (made tiny in smoke mode)."""
+    loaded = load_config(path, overrides)
+    return smoke_config(loaded) if SMOKE else loaded
+
+
+def compare(folder: Path, file: str = "compare.yaml", overrides: Sequence[str] = ()) -> ComparisonResult:
     """Run a claim's comparison file, its runs under runs/paper_repro/<claim>/."""
     return run_comparison(folder / file, [f"output_dir={output_dir(folder.name)}", "logger=none", *overrides],
-                          seeds=seeds)
+                          smoke=SMOKE)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -58,6 +73,12 @@ def fmt(values: Sequence[float]) -> str:
 
 def write(folder: Path, markdown: str, summary: dict[str, Any]) -> None:
     """Keep a claim's results: results.md, claim.json, and the results section of its README."""
+    if SMOKE:
+        folder = Path(output_dir(folder.name))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.md").write_text(markdown.strip() + "\n")
+        (folder / "claim.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return
     (folder / "results.md").write_text(markdown.strip() + "\n")
     (folder / "claim.json").write_text(json.dumps(summary, indent=2) + "\n")
     readme = folder / "README.md"

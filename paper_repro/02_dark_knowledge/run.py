@@ -11,7 +11,6 @@ import torch
 
 import common
 from featkd.checkpoint import load_checkpoint
-from featkd.config import load_config
 from featkd.data import build_data
 from featkd.models import build_model
 from featkd.trainer import train
@@ -54,9 +53,9 @@ def main() -> dict:
     share = (full.train.targets == OMITTED).float().mean().item()
     threes = int((full.test.targets == OMITTED).sum())
     rows: dict[str, list[tuple]] = {"distilled": [], "hard labels": []}
-    for seed in (0, 1, 2):
+    for seed in common.seeds():
         for name, extra in (("distilled", []), ("hard labels", ["teacher=null", "loss.kd=null", "loss.ce.weight=1"])):
-            config = load_config(FOLDER / "base.yaml", [f"seed={seed}", f"output_dir={common.output_dir(FOLDER.name)}",
+            config = common.config(FOLDER / "base.yaml", [f"seed={seed}", f"output_dir={common.output_dir(FOLDER.name)}",
                                                         "logger=none", *extra])
             run = train(config, verbose=False)
             checkpoint = run.run_dir / "checkpoints" / "last.pt"

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import common
-from featkd.config import load_config
 from featkd.trainer import train
 
 FOLDER = Path(__file__).resolve().parent
@@ -12,17 +11,17 @@ FOLDER = Path(__file__).resolve().parent
 
 def main() -> dict:
     generalist, combined, distilled, alone, clusters = [], [], [], [], []
-    for seed in (0, 1, 2):
+    for seed in common.seeds():
         overrides = [f"seed={seed}", f"output_dir={common.output_dir(FOLDER.name)}", "logger=none",
                      f"stages.0.seed={seed}"]
-        run = train(load_config(FOLDER / "specialists.yaml", overrides), verbose=False)
+        run = train(common.config(FOLDER / "specialists.yaml", overrides), verbose=False)
         state = json.loads((run.run_dir / "state.json").read_text())["stages"]
         generalist.append(state["specialists"]["generalist_acc"])
         combined.append(run.stages["specialists"].last_acc)
         distilled.append(run.student.last_acc)
         clusters.append(state["specialists"]["clusters"])
         # the same student trained alone, for reference
-        solo = train(load_config(FOLDER / "specialists.yaml", overrides + [
+        solo = train(common.config(FOLDER / "specialists.yaml", overrides + [
             "stages=[{name: alone, model: student, loss: {ce: {weight: 1.0}}, train: {epochs: 30, "
             "optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4}, scheduler: {name: cosine}}}]"]),
             verbose=False)
