@@ -90,7 +90,9 @@ def peak_of(build: Callable[[], Step], device: torch.device, warmup: int = 2) ->
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     before = _resident_bytes()
     step()
-    return _peak_resident_bytes() - before
+    # the two counters are read at different moments; a step that needs nothing new can read
+    # a page or so below zero, which is noise, not memory given back
+    return max(0, _peak_resident_bytes() - before)
 
 
 def peaks(target: str, calls: list[dict[str, Any]], device: str) -> list[int]:
