@@ -26,7 +26,7 @@ import re
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -81,12 +81,19 @@ class ComparisonResult:
     folder: Path
     rows: list[RunRow]
     summaries: list[VariantSummary]
-    teacher_acc: list[float]
-    teacher_models: list[str]
+    #: each variant's teachers as (model, top-1 mean over seeds); empty for variants without one
+    teachers_by_variant: dict[str, list[tuple[str, float]]]
     baseline: str | None
     seconds: float
-    #: each variant's teachers as (model, top-1 mean over seeds), for comparisons of teachers
-    teachers_by_variant: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+
+    @property
+    def teacher_models(self) -> list[str]:
+        """The teachers of the first variant that has any."""
+        return [model for model, _ in next(iter(self.teachers_by_variant.values()), [])]
+
+    @property
+    def teacher_acc(self) -> list[float]:
+        return [acc for _, acc in next(iter(self.teachers_by_variant.values()), [])]
 
     def markdown(self) -> str:
         return results_markdown(self)
@@ -159,10 +166,8 @@ def run_comparison(path: str | Path, overrides: Sequence[str] = (), seeds: Seque
     start = time.perf_counter()
     runs = run_grid(configs, seeds, folder, progress, jobs)
     rows = [row for row, _ in runs]
-    teacher = next((result for _, result in runs if result["teacher_acc"]), None)
     outcome = ComparisonResult(spec.name, folder, rows, summarize(rows, list(configs), spec.baseline),
-                               teacher["teacher_acc"] if teacher else [], teacher["teacher_models"] if teacher else [],
-                               spec.baseline, time.perf_counter() - start, teachers_by_variant(runs))
+                               teachers_by_variant(runs), spec.baseline, time.perf_counter() - start)
     write_results(outcome)
     return outcome
 
@@ -251,7 +256,8 @@ def teachers_by_variant(runs: list[tuple[RunRow, dict[str, Any]]]) -> dict[str, 
 def _teacher_lines(result: ComparisonResult) -> list[str]:
     described = {tuple((m, round(a, 2)) for m, a in t) for t in result.teachers_by_variant.values()}
     if len(described) > 1:  # the variants compare teachers: name each one's
-        return [f"Teacher{'s' if len(teachers) > 1 else ''} of {variant}: " + ", ".join(f"{m} top-1 {a:.2f}%" for m, a in teachers) + " (last epoch)."
+        return [f"Teacher{'s' if len(teachers) > 1 else ''} of {variant}: "
+                + ", ".join(f"{m} top-1 {a:.2f}%" for m, a in teachers) + " (last epoch)."
                 for variant, teachers in result.teachers_by_variant.items()]
     return [f"Teacher {model}: top-1 {acc:.2f}% (last epoch)." for model, acc in zip(result.teacher_models, result.teacher_acc)]
 

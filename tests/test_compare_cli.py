@@ -177,7 +177,7 @@ def test_results_name_each_variants_teacher_when_the_variants_compare_teachers(t
     from featkd.compare import ComparisonResult, results_markdown
 
     def result(teachers):
-        return ComparisonResult("t", tmp_path, [], [], [99.0], ["cnn_large"], None, 1.0, teachers)
+        return ComparisonResult("t", tmp_path, [], [], teachers, None, 1.0)
 
     same = results_markdown(result({"KD": [("cnn_large", 99.0)], "AT": [("cnn_large", 99.0)]}))
     assert "Teacher cnn_large: top-1 99.00% (last epoch)." in same and " of " not in same.splitlines()[0]
