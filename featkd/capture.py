@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from featkd.errors import CaptureError, did_you_mean
+from featkd.errors import CaptureError, FeatkdError, did_you_mean
 
 _SPEC = re.compile(r"^(?P<path>[^:@]*)(?::(?P<port>in|out))?(?:@(?P<call>-?\d+))?$")
 _GLOB_CHARS = set("*?[")
@@ -59,7 +59,7 @@ class FeatureSpec:
         return text
 
 
-def _glob_to_regex(pattern: str) -> re.Pattern[str]:
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
     out = []
     i = 0
     while i < len(pattern):
@@ -106,7 +106,7 @@ def resolve(model: nn.Module, names: str | Sequence[str], label: str = "model") 
         if path.startswith("module.") and path not in known:
             path = path[len("module.") :]
         if _GLOB_CHARS & set(path):
-            regex = _glob_to_regex(path)
+            regex = glob_to_regex(path)
             matched = [m for m in modules if regex.match(m)]
             if not matched:
                 raise CaptureError(
@@ -138,6 +138,20 @@ def first_tensor(value: object) -> torch.Tensor | None:
             if isinstance(item, torch.Tensor):
                 return item
     return None
+
+
+def logits_of(output: object) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, `.logits`, or the first tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits  # type: ignore[attr-defined]
+    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    tensor = first_tensor(output)
+    if tensor is None:
+        raise FeatkdError(f"cannot find logits in a model output of type {type(output).__name__}")
+    return tensor
 
 
 class FeatureCapture:
@@ -283,6 +297,19 @@ class FeatureCapture:
         """Features captured as clones because the model modifies them in place."""
         return [n for n, c in self._clone.items() if c]
 
+    def run(self, model: nn.Module, x: object, names: frozenset[str] | None = None) -> tuple[object, dict[str, torch.Tensor]]:
+        """One forward of `model` on `x`, keeping the features in `names` (default: all);
+        a feature found overwritten in place is cloned from now on and the forward repeated."""
+        for attempt in range(2):
+            with self.recording(names):
+                output = call_model(model, x)
+            try:
+                return output, self.collect()
+            except StaleFeatureError:
+                if attempt:  # cloning did not help: should not happen
+                    raise
+        raise AssertionError("unreachable")
+
     @torch.no_grad()
     def probe(self, model: nn.Module, example_input: object) -> dict[str, torch.Size]:
         """Run one side-effect-free forward (eval mode, no grad) and return feature shapes.
@@ -294,7 +321,7 @@ class FeatureCapture:
         with _eval_mode(model):
             for _ in range(2):  # a second pass if the first found in-place writes
                 with self.recording():
-                    _call(model, example_input)
+                    call_model(model, example_input)
                 try:
                     feats = self.collect()
                 except StaleFeatureError:
@@ -340,7 +367,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
-def _call(model: nn.Module, example_input: object) -> object:
+def call_model(model: nn.Module, example_input: object) -> object:
     if isinstance(example_input, (tuple, list)):
         return model(*example_input)
     if isinstance(example_input, dict):
@@ -388,7 +415,7 @@ def list_modules(model: nn.Module, example_input: object) -> list[ModuleInfo]:
         handles.append(module.register_forward_hook(make_hook(name, module)))
     try:
         with _eval_mode(model):
-            _call(model, example_input)
+            call_model(model, example_input)
     finally:
         for handle in handles:
             handle.remove()

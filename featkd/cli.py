@@ -109,7 +109,9 @@ def _seeds(text: str | None) -> list[int] | None:
 def cmd_train(args: argparse.Namespace) -> int:
     from featkd.config import load_config
     from featkd.errors import ConfigError
-    from featkd.trainer import resume_config, summary_lines, train
+    from featkd.run_folder import resume_config
+    from featkd.summary import summary_lines
+    from featkd.trainer import train
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None
@@ -135,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from featkd.trainer import evaluate_checkpoint
+    from featkd.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.device)
     print(f"{result['checkpoint']}: {result['model']} ({result['params']:,} parameters), stage {result['stage']}, "

@@ -423,12 +423,10 @@ def smoke_config(config: Config, output_dir: str | None = None) -> Config:
         out = {}
         for name, term in terms.items():
             if term is not None:
-                term = {**term}
-                staged = LOSSES.get(term.get("type") or name).pretrain is not None
-                if staged and (term.get("pretrain") or {}).get("epochs") != 0:
+                cls = LOSSES.get(term.get("type") or name)
+                term = cls.smoke_params({**term})
+                if cls.pretrain is not None and (term.get("pretrain") or {}).get("epochs") != 0:
                     term["pretrain"] = {**(term.get("pretrain") or {}), "epochs": 1}
-                if "num_negatives" in term:
-                    term["num_negatives"] = min(term["num_negatives"], 256)
             out[name] = term
         return out
 
@@ -463,8 +461,10 @@ def validate(data: dict[str, Any]) -> Config:
 
 
 def check_semantics(config: Config) -> None:
-    """Names that must exist in registries, and arguments their constructors must accept."""
+    """Names that must exist in registries, and arguments their constructors must accept;
+    every stage's loss terms, built as the trainer builds them."""
     from featkd.registry import import_plugins
+    from featkd.stages import plan_stages
 
     import_plugins(config.plugins)
     _check_data("data", config.data)
@@ -481,9 +481,13 @@ def check_semantics(config: Config) -> None:
             _check_model(teacher, key)
             _check_training(f"{key}.train", teacher.train)
         _check_training("train", config.train)
-        _check_loss("loss", config.loss, len(config.teacher or []), "set `teacher:`")
+        if not config.terms:
+            raise ConfigError("loss: no terms left; keep at least one, e.g. loss.ce.weight=1.")
     else:
         _check_stages(config)
+    for stage in plan_stages(config).stages:
+        if stage.specialists is None:
+            _check_terms(stage.loss_key, stage.terms, len(stage.teachers), stage.teacher_hint)
     if not (config.device in ("auto", "cpu", "cuda", "mps") or config.device.startswith("cuda:")):
         raise ConfigError(f"device: {config.device!r}; use auto, cpu, cuda, cuda:N or mps.")
 
@@ -549,42 +553,24 @@ def _check_stages(config: Config) -> None:
                     f"before {stage.name!r} or give models.{teacher}.checkpoint."
                 )
         _check_training(f"{key}.train", stage.train)
-        _check_loss(f"{key}.loss", stage.loss, len(stage.teacher), f"set {key}.teacher")
+        if not stage.terms:
+            raise ConfigError(f"{key}.loss: no terms left; keep at least one, e.g. {key}.loss.ce.weight=1.")
         ready.add(stage.model)
 
 
-def _check_loss(key_prefix: str, loss: dict[str, TermConfig | None], n_teachers: int, how: str) -> None:
-    from featkd.adapters import ADAPTERS
-    from featkd.losses import LOSSES
-    from featkd.registry import check_arguments
+def _check_terms(key: str, loss: dict[str, TermConfig], teachers: int, add_teacher: str) -> None:
+    """Build the terms of a `loss:` section as the trainer will: the loss, its arguments and
+    the term's own rules are checked by the Term itself; the pre-training settings here."""
+    from featkd.terms import terms_from
 
-    terms = _live_terms(loss)
-    if not terms:
-        raise ConfigError(f"{key_prefix}: no terms left; keep at least one, e.g. {key_prefix}.ce.weight=1.")
-    for name, term in terms.items():
-        key = f"{key_prefix}.{name}"
-        loss_name = term.type or name
-        cls = named(f"{key}.type" if term.type else key, lambda n=loss_name: LOSSES.get(n))
-        named(key, lambda c=cls, t=term, k=key: check_arguments(c, t.params, k))
-        if term.adapter not in (None, "default"):
-            named(f"{key}.adapter", lambda t=term: ADAPTERS.get(t.adapter))
-        if cls.needs_teacher and not n_teachers:
-            raise ConfigError(f"{key}: {loss_name!r} needs a teacher; {how} or remove it with {key}=null.")
-        if cls.consumes == "features" and not (term.student and term.teacher):
-            raise ConfigError(
-                f"{key}: {loss_name!r} compares features; set {key}.student and {key}.teacher to "
-                "module names (`featkd inspect MODEL` lists them)."
-            )
-        if term.pretrain != PretrainConfig() and cls.pretrain is None:
-            raise ConfigError(f"{key}.pretrain: {loss_name!r} has no pre-training stage.")
-        if term.pretrain.optimizer is not None:
-            _check_optimizer(f"{key}.pretrain", term.pretrain.optimizer)
-        _check_scheduler(f"{key}.pretrain", term.pretrain.scheduler)
-        if n_teachers and term.teacher_index >= n_teachers:
-            raise ConfigError(f"{key}.teacher_index: {term.teacher_index} but there are {n_teachers} teacher(s).")
-        if term.gather and not cls.relational:
-            raise ConfigError(f"{key}.gather: {loss_name!r} does not relate samples of a batch; gather is for "
-                              "relational losses (rkd, sp, cc, pkt, crd).")
+    for term, spec in zip(terms_from(loss, key, add_teacher), loss.values()):
+        term.check_teachers(teachers)
+        where = f"{key}.{term.name}.pretrain"
+        if spec.pretrain != PretrainConfig() and term.module.pretrain is None:
+            raise ConfigError(f"{where}: {term.loss!r} has no pre-training stage.")
+        if spec.pretrain.optimizer is not None:
+            _check_optimizer(where, spec.pretrain.optimizer)
+        _check_scheduler(where, spec.pretrain.scheduler)
 
 
 def _check_training(key: str, train: TrainConfig) -> None:

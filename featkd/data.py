@@ -12,13 +12,18 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from featkd import distributed
 from featkd.errors import DataError
 from featkd.registry import Registry
+
+if TYPE_CHECKING:
+    from featkd.config import DataConfig
 
 DATASETS: Registry = Registry("dataset")
 
@@ -298,3 +303,18 @@ SHAPES = {"cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32)), "imagene
 def build_data(name: str, args: dict | None = None) -> DataBundle:
     """Build a dataset by registry name with arguments checked against its builder."""
     return DATASETS.build(name, **(args or {}))
+
+
+def make_loaders(train_set: Dataset, test_set: Dataset, data: DataConfig, seed: int) -> tuple[DataLoader, DataLoader]:
+    """Training loader (shuffled by a seeded permutation per epoch, full batches only, this
+    rank's shard) and an ordered test loader (this rank's shard, nothing repeated)."""
+    world = distributed.world_size()
+    drop_last = len(train_set) >= data.batch_size * world
+    views = getattr(train_set, "views", None) or 1
+    train = DataLoader(train_set, batch_size=data.batch_size, num_workers=data.num_workers,
+                       sampler=distributed.ShardedSampler(len(train_set), shuffle=True, seed=seed, drop_last=drop_last,
+                                                          views=views),
+                       drop_last=drop_last, persistent_workers=data.num_workers > 0)
+    test = DataLoader(test_set, batch_size=data.eval_batch_size, num_workers=data.num_workers,
+                      sampler=distributed.ShardedSampler(len(test_set), shuffle=False, drop_last=False))
+    return train, test

@@ -3,10 +3,11 @@
     torchrun --nproc_per_node 2 -m featkd.cli train configs/quickstart.yaml
 
 Each process trains on its shard of every epoch (`ShardedSampler`); `data.batch_size` is the
-batch of one process, so the global batch is `batch_size x world_size`. The student, its
-adapters and the losses' learnable state are wrapped in DDP together (the Distiller holds
-exactly those); teachers are not wrapped: they are frozen, in eval mode and run under
-no_grad on every rank. Only rank 0 logs and writes files.
+batch of one process, so the global batch is `batch_size x world_size`. DDP wraps only what
+a stage trains (`TrainedParts`): the student with its buffers, and the adapters' and losses'
+trained parameters. Teachers are not wrapped: they are frozen, in eval mode and run under
+no_grad on every rank. Per-sample state of a loss (CRD's memory banks) is not a DDP buffer:
+the loss keeps it identical on every rank itself. Only rank 0 logs and writes files.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import Sampler
+
+from featkd.errors import FeatkdError
 
 
 def is_distributed() -> bool:
@@ -73,12 +77,28 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _gather_parts(x: torch.Tensor) -> list[torch.Tensor]:
+    """`x` (detached) from every rank, in rank order; ranks may hold different numbers of rows."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return [part[: int(n)] for part, n in zip(parts, sizes)]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along the batch, without gradient."""
+    return torch.cat(_gather_parts(x)) if is_distributed() else x
+
+
 def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along the batch; gradients flow to this rank's part only."""
     if not is_distributed():
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
+    parts = _gather_parts(x)
     parts[rank()] = x
     return torch.cat(parts)
 
@@ -92,6 +112,49 @@ def gradient_scale(value: torch.Tensor) -> torch.Tensor:
     """
     n = world_size()
     return value if n == 1 else value * n - value.detach() * (n - 1)
+
+
+class TrainedParts(nn.Module):
+    """What DDP keeps in step across processes: the parameters a training objective updates,
+    and the student's buffers when it trains the student. Calling it runs the objective.
+
+    The objective (a Distiller, or a method's pre-training) is held, not registered, so its
+    teachers, frozen parts and per-sample loss state are never broadcast or reduced.
+    """
+
+    def __init__(self, objective: Any, trained: list[nn.Parameter]) -> None:
+        super().__init__()
+        in_student = {id(p) for p in objective.student.parameters()}
+        if any(id(p) in in_student for p in trained):
+            self.student = objective.student
+        self.others = nn.ParameterList([p for p in trained if id(p) not in in_student])
+        object.__setattr__(self, "objective", objective)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.objective(*args, **kwargs)
+
+
+def wrap_for_training(objective: Any, trained: list[nn.Parameter]) -> Any:
+    """The objective itself in one process; in DDP, its `trained` parameters wrapped so that
+    their gradients are averaged over processes. The graph is searched for unused parameters
+    at every step only if the objective says some may go without a gradient."""
+    if not is_distributed() or not trained:
+        return objective
+    return nn.parallel.DistributedDataParallel(TrainedParts(objective, trained),
+                                               find_unused_parameters=objective.leaves_parameters_unused)
+
+
+def explain_unused_parameters(exc: RuntimeError) -> FeatkdError | None:
+    """DDP's complaint about a parameter that got no gradient, as a message saying what to do."""
+    if "did not receive grad" not in str(exc) and "finished reduction in the prior iteration" not in str(exc):
+        return None
+    return FeatkdError(
+        "multi-process training: a trained parameter received no gradient in a step (DDP needs every one "
+        "of them, and featkd searches for unused parameters only when a term says it leaves some unused). "
+        "If the student has parameters its forward does not use, freeze them (`freeze:` in an explicit "
+        f"stage); a custom loss with such parameters sets `leaves_parameters_unused = True`. DDP said: "
+        f"{str(exc).splitlines()[0]}"
+    )
 
 
 class ShardedSampler(Sampler[int]):

@@ -14,13 +14,15 @@ and their classifier `fc`, so feature names carry over between teacher and stude
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from featkd.capture import glob_to_regex
 from featkd.errors import CheckpointError, ModelError, did_you_mean
 from featkd.registry import Registry, check_arguments
 
@@ -282,6 +284,24 @@ def default_input_shape(name: str) -> tuple[int, ...]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def frozen(model: nn.Module, freeze: Sequence[str], unfreeze: Sequence[str] = ()) -> Iterator[None]:
+    """Parameters matching `freeze` globs (then not matching `unfreeze`) stop learning inside
+    this block; their previous flags come back afterwards."""
+    freeze_re = [glob_to_regex(p) for p in freeze]
+    unfreeze_re = [glob_to_regex(p) for p in unfreeze]
+    changed = [param for name, param in model.named_parameters()
+               if param.requires_grad and any(r.match(name) for r in freeze_re)
+               and not any(r.match(name) for r in unfreeze_re)]
+    for param in changed:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in changed:
+            param.requires_grad_(True)
 
 
 from featkd import cifar_models  # noqa: E402,F401  (registers the CIFAR benchmark architectures)

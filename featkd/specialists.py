@@ -16,19 +16,23 @@ The minimisation is done by expectation-maximisation steps, which lower the obje
 every step: q(c) <- (p_g(c) + sum_m r_m(c)) / (1 + #active), with r_m(c) = p_m(c) for c in m's
 cluster and p_m(dustbin) q(c) / q(outside m's cluster) otherwise. `SpecialistEnsemble` does
 all of this in its forward pass and returns log q, so it can teach a single student by KD.
+`train_specialists` runs the whole method on a trained generalist (the `specialists` stage).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from featkd.errors import ConfigError
+from featkd.evaluation import predicted_probabilities
+from featkd.runtime import seed_everything
 
 
 def confusion_clusters(probs: torch.Tensor, num_clusters: int, seed: int = 0) -> list[list[int]]:
@@ -156,7 +160,48 @@ class SpecialistEnsemble(nn.Module):
         self.clusters = [list(c) for c in clusters]
         self.top_n, self.iterations = top_n, iterations
 
+    def payload(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the ensemble: the clusters and the specialists' weights."""
+        return {"kind": "specialists", "clusters": self.clusters,
+                "specialists": [expert.state_dict() for expert in self.specialists]}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         general = torch.softmax(self.generalist(x).float(), dim=1)
         specialists = [torch.softmax(s(x).float(), dim=1) for s in self.specialists]
         return combine(general, specialists, self.clusters, self.top_n, self.iterations)
+
+
+#: trains one specialist in place: (name, model, its classes, train loader, test loader)
+FitSpecialist = Callable[[str, nn.Module, list[int], DataLoader, DataLoader], None]
+
+
+def train_specialists(generalist: nn.Module, train_set: Dataset, test_set: Dataset, num_classes: int, settings: Any,
+                      batch_size: int, eval_batch_size: int, seed: int, device: torch.device,
+                      fit: FitSpecialist, name: str = "specialists") -> SpecialistEnsemble:
+    """Cluster the classes `generalist` confuses on `train_set`, train a specialist for each
+    cluster with `fit` (named `<name>-<m>`), and return their ensemble with the generalist.
+
+    `settings` is a `SpecialistsConfig` (clusters, top_n, specialty_fraction, iterations).
+    """
+    seed_everything(seed)
+    probs = predicted_probabilities(generalist, train_set, eval_batch_size, device)
+    clusters = confusion_clusters(probs, settings.clusters, seed)
+    experts = []
+    for m, cluster in enumerate(clusters):
+        expert = specialist_from(generalist, cluster)
+        relabelled = SpecialistLabels(train_set, cluster, num_classes)
+        sampler = SpecialtySampler(relabelled.targets < len(cluster), settings.specialty_fraction, seed + m)
+        loader = DataLoader(relabelled, batch_size=batch_size, sampler=sampler, drop_last=True)
+        test_loader = DataLoader(SpecialistLabels(test_set, cluster, num_classes), batch_size=eval_batch_size)
+        fit(f"{name}-{m}", expert, cluster, loader, test_loader)
+        experts.append(expert)
+    return SpecialistEnsemble(generalist, experts, clusters, settings.top_n, settings.iterations).to(device)
+
+
+def load_specialists(payload: dict[str, Any], generalist: nn.Module, settings: Any,
+                     device: torch.device) -> SpecialistEnsemble:
+    """The ensemble saved in a specialists stage's checkpoint (see `SpecialistEnsemble.payload`)."""
+    experts = [specialist_from(generalist, c) for c in payload["clusters"]]
+    for expert, state in zip(experts, payload["specialists"]):
+        expert.load_state_dict(state)
+    return SpecialistEnsemble(generalist, experts, payload["clusters"], settings.top_n, settings.iterations).to(device)

@@ -11,11 +11,7 @@ run inside the stage that uses the method, before its own epochs, under the name
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from featkd.config import Config, DataConfig, ModelConfig, SpecialistsConfig, StageConfig, TermConfig, TrainConfig
 
@@ -37,9 +33,21 @@ class StagePlan:
     final: bool = False
     #: a specialists stage: trains specialists of a generalist; `model` names the ensemble
     specialists: SpecialistsConfig | None = None
+    #: where the stage is written in the config ("stages.2"; "" for the simple form)
+    key: str = ""
 
     def pretrain_name(self, term: str) -> str:
         return f"pretrain-{term}" if self.final else f"{self.name}-pretrain-{term}"
+
+    @property
+    def loss_key(self) -> str:
+        """The config key of the stage's `loss:` section."""
+        return f"{self.key}.loss" if self.key else "loss"
+
+    @property
+    def teacher_hint(self) -> str:
+        """How the config gives this stage a teacher."""
+        return f"set {self.key}.teacher" if self.key else "set `teacher:`"
 
 
 @dataclass
@@ -56,7 +64,7 @@ def plan_stages(config: Config) -> Plan:
     """The stages a config runs, in order."""
     if config.stages is not None:
         models = dict(config.models or {})
-        stages = [_explicit(config, stage) for stage in config.stages]
+        stages = [_explicit(config, stage, f"stages.{i}") for i, stage in enumerate(config.stages)]
     else:
         teachers = config.teacher or []
         keys = ["teacher"] if len(teachers) == 1 else [f"teacher{i}" for i in range(len(teachers))]
@@ -72,41 +80,7 @@ def plan_stages(config: Config) -> Plan:
     return Plan(models, stages)
 
 
-def _explicit(config: Config, stage: StageConfig) -> StagePlan:
+def _explicit(config: Config, stage: StageConfig, key: str) -> StagePlan:
     return StagePlan(stage.name, stage.model or stage.name, list(stage.teacher), stage.terms, stage.train,
                      config.seed if stage.seed is None else stage.seed, stage.data or config.data, stage.cache,
-                     list(stage.freeze), list(stage.unfreeze), specialists=stage.specialists)
-
-
-def cache_key(config: Config, plan: Plan, index: int) -> str:
-    """A digest of everything that determines the weights stage `index` produces: its model,
-    settings, seed and loss, the data, and (recursively) how its teachers were made."""
-
-    def model_record(key: str, upto: int) -> Any:
-        producer = next((i for i in range(upto - 1, -1, -1) if plan.stages[i].model == key), None)
-        spec = plan.models[key].model_dump(mode="json", exclude={"cache", "data"}) if key in plan.models else None
-        return {"spec": spec, "made_by": stage_record(producer) if producer is not None else None}
-
-    def stage_record(i: int) -> Any:
-        stage = plan.stages[i]
-        return {
-            "model": model_record(stage.model, i),
-            "teachers": [model_record(t, i) for t in stage.teachers],
-            "terms": {k: v.model_dump(mode="json") for k, v in stage.terms.items()},
-            "train": stage.train.model_dump(mode="json"),
-            "seed": stage.seed,
-            "freeze": stage.freeze,
-            "unfreeze": stage.unfreeze,
-            "data": stage.data.model_dump(mode="json", exclude={"num_workers", "eval_batch_size"}),
-            "specialists": stage.specialists.model_dump(mode="json") if stage.specialists else None,
-            "generalist": model_record(stage.specialists.generalist, i) if stage.specialists else None,
-        }
-
-    record = {"stage": stage_record(index), "precision": config.precision}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def cache_path(config: Config, plan: Plan, index: int) -> Path:
-    stage = plan.stages[index]
-    model = plan.models[stage.model].model.replace(":", "_") if stage.model in plan.models else "specialists"
-    return Path(config.output_dir) / "cache" / f"{model}-{cache_key(config, plan, index)}.pt"
+                     list(stage.freeze), list(stage.unfreeze), specialists=stage.specialists, key=key)

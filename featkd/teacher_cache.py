@@ -12,6 +12,7 @@ describe views the student is not seeing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,9 @@ from featkd import distributed
 from featkd.errors import ConfigError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+#: teachers' logits and named features, by teacher index
+Outputs = tuple[dict[int, torch.Tensor], dict[int, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -64,6 +68,32 @@ class TeacherCache:
     @property
     def ready(self) -> bool:
         return self.samples > 0
+
+    def outputs(self, x: Any, batch: dict[str, Any], compute: Callable[[Any], Outputs]) -> Outputs:
+        """The teachers' outputs on a batch: views seen before are read back, the others go
+        through `compute` (every teacher, every kept feature) and are stored.
+
+        In a DDP run the processes agree first: if any of them meets a new view, each
+        computes its whole batch and stores every process's outputs (a collective call).
+        """
+        keys = self.keys(batch)
+        missing = self.missing(keys)
+        if distributed.is_distributed():
+            new_anywhere = distributed.all_reduce_sum(missing.any().float().reshape(1))
+            if bool(new_anywhere > 0):
+                out = compute(x)
+                self.store(keys, *out, gather=True)
+                return out
+        elif bool(missing.any()):
+            if not isinstance(x, torch.Tensor) or bool(missing.all()):
+                out = compute(x)
+                self.store(keys, *out)
+                return out
+            # only the new views go through the teachers (eval mode: a sample's outputs do not
+            # depend on the rest of its batch)
+            self.store(keys[missing], *compute(x[missing]))
+        logits, feats = self.lookup(keys)
+        return dict(enumerate(logits)), feats
 
     def keys(self, batch: dict[str, Any]) -> torch.Tensor:
         """One key per (sample, view) of the batch."""

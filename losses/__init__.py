@@ -1,5 +1,6 @@
 """The loss zoo. Importing this package registers every built-in loss in `LOSSES`.
 
+base.py      the kinds a loss subclasses: LogitLoss, FeaturePairLoss, FeatureSetLoss
 logit.py     ce, kd, logit_mse, dkd, dist
 feature.py   fitnet, at, nst, vid, ft, ab, fsp
 relation.py  rkd, sp, cc, pkt
@@ -9,7 +10,12 @@ crd.py       crd (with its memory bank and dataset wrapper)
 from featkd.losses.base import (
     LOSSES,
     DistillLoss,
+    Example,
+    FeaturePairLoss,
+    FeatureSetLoss,
+    LogitLoss,
     PretrainStage,
+    TermInputs,
     as_ensemble,
     ensemble_log_probs,
     ensemble_mean_logits,
@@ -46,16 +52,21 @@ __all__ = [
     "DISTLoss",
     "DKDLoss",
     "DistillLoss",
+    "Example",
     "FSPLoss",
     "FactorTransfer",
+    "FeaturePairLoss",
+    "FeatureSetLoss",
     "FitNetHint",
     "KDLoss",
+    "LogitLoss",
     "LogitMSE",
     "NSTLoss",
     "PretrainStage",
     "ProbabilisticKT",
     "RKDLoss",
     "SimilarityPreserving",
+    "TermInputs",
     "VIDLoss",
     "WithIndex",
     "as_ensemble",

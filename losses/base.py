@@ -1,12 +1,14 @@
 """The contract every loss term follows (see featkd.Distiller for how terms are wired).
 
-A loss is an `nn.Module` registered in `featkd.losses.LOSSES`. It declares what it consumes:
+A loss is an `nn.Module` registered in `featkd.losses.LOSSES`. Its kind is its base class,
+which fixes the signature of `forward`:
 
-- `consumes = "logits"`: `forward(student_logits, teacher_logits, targets)`, where
-  `teacher_logits` is one tensor, or a tuple of tensors for a teacher ensemble;
-- `consumes = "features"`: `forward(student, teacher)` with one (adapted) student feature
-  and the teacher feature it is matched with, called once per matched pair; a loss with
-  `pairwise = False` gets the lists of all pairs at once instead.
+- `LogitLoss`: `forward(student_logits, teacher_logits, targets)`, where `teacher_logits`
+  is one tensor, or a tuple of tensors for a teacher ensemble;
+- `FeaturePairLoss`: `forward(student, teacher)` with one (adapted) student feature and the
+  teacher feature it is matched with, called once per matched pair;
+- `FeatureSetLoss`: `forward(students, teachers)` with the lists of all matched pairs at once
+  (for losses that relate layers to each other or weight them by depth).
 
 Hooks a loss may use, all called by the Distiller (and so by the trainer) in a generic way:
 
@@ -16,32 +18,40 @@ Hooks a loss may use, all called by the Distiller (and so by the trainer) in a g
   sample index), named in `batch_keys` and passed to `forward` as keywords;
 - `set_epoch(epoch)`: the loss sees the epoch (DKD's warm-up);
 - `pretrain`: a `PretrainStage` the method runs before distillation, with
-  `pretrain_loss()` and `pretrain_parameters()` saying on what and what it trains.
+  `pretrain_loss()` and `pretrain_parameters()` saying on what and what it trains;
+- `trained_parameters()`: what distillation trains of the loss (FT's paraphraser is fixed);
+- `smoke_params(params)`: cheaper hyper-parameters for a seconds-long wiring check.
 
 It returns a scalar tensor, or a dict of named scalar parts (logged separately, summed into
-the term). The term's weight is applied once, by the Distiller, never inside the loss.
-Teacher inputs are detached, so no gradient reaches a teacher through a loss.
-Hyper-parameters are typed constructor arguments with the literature's defaults, learnable
-state lives in registered parameters or buffers, and the docstring cites the paper and gives
-the formula.
+the term); a `FeatureSetLoss` may return one value per pair. The term's weight is applied
+once, by the Distiller, never inside the loss. Teacher inputs are detached, so no gradient
+reaches a teacher through a loss. Hyper-parameters are typed constructor arguments with the
+literature's defaults, learnable state lives in registered parameters or buffers, and the
+docstring cites the paper and gives the formula. `example` shows the loss on the built-in
+`cnn` models; the test suite runs every registered loss from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from featkd import distributed
 from featkd.registry import Registry
 
 LOSSES: Registry = Registry("loss", "losses")
 
 Shape = tuple[int, ...]
 TeacherLogits = torch.Tensor | Sequence[torch.Tensor]
+#: What a loss returns: a scalar, named scalar parts, or (feature sets) one of those per pair.
+LossValue = torch.Tensor | dict[str, torch.Tensor] | list[Any]
 
 
 @dataclass(frozen=True)
@@ -59,10 +69,53 @@ class PretrainStage:
     description: str = ""
 
 
-class DistillLoss(nn.Module):
-    """Base class of loss terms; subclasses set the class attributes below."""
+@dataclass(frozen=True)
+class Example:
+    """The loss in use on the built-in `cnn` models (teacher and student of `cnn`'s stage
+    layout, `layer1..3`, `fc`): the features to capture and the arguments for a quick run.
+    Documentation for users, and the data the test suite runs every registered loss with."""
 
-    consumes: ClassVar[Literal["logits", "features"]] = "logits"
+    student: str | None = None
+    teacher: str | None = None
+    adapter: str | None = "default"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TermInputs:
+    """What one term reads in one step; the Distiller fills it, the loss's kind reads it."""
+
+    student_logits: torch.Tensor | None
+    teacher_logits: TeacherLogits | None
+    targets: torch.Tensor | None
+    #: adapted student features and their teacher features, one per matched pair
+    students: list[torch.Tensor | None] = field(default_factory=list)
+    teachers: list[torch.Tensor] = field(default_factory=list)
+    #: batch fields the loss asked for in `batch_keys` (CRD's sample index)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def gathered(self) -> TermInputs:
+        """Every tensor concatenated over the processes of a DDP run, gradients flowing to
+        this process's own rows only."""
+
+        def gather(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return distributed.gather_with_local_grad(value)
+            if isinstance(value, (list, tuple)):
+                return type(value)(gather(v) for v in value)
+            return value
+
+        return dataclasses.replace(self, **{f.name: gather(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if f.name != "extras"},
+                                   extras={k: gather(v) for k, v in self.extras.items()})
+
+
+class DistillLoss(nn.Module):
+    """Base class of loss terms: subclass its kind, `LogitLoss`, `FeaturePairLoss` or
+    `FeatureSetLoss`, and set the class attributes below as the method needs."""
+
+    #: True for the feature kinds: the term names student and teacher features to capture.
+    reads_features: ClassVar[bool] = False
     #: False for losses that only read the student and labels (cross-entropy).
     needs_teacher: ClassVar[bool] = True
     #: Reads the labels of the batch.
@@ -71,8 +124,6 @@ class DistillLoss(nn.Module):
     default_weight: ClassVar[float] = 1.0
     #: Adapter used for the student side when the Term gives none (feature losses).
     default_adapter: ClassVar[str | None] = None
-    #: Feature losses: called per (student, teacher) pair, or once with all pairs.
-    pairwise: ClassVar[bool] = True
     #: Feature losses comparing element by element: (adapted) shapes must be equal.
     needs_same_shape: ClassVar[bool] = False
     #: `bind` creates parameters, so shapes must be probed before the optimizer is made.
@@ -83,8 +134,30 @@ class DistillLoss(nn.Module):
     pretrain: ClassVar[PretrainStage | None] = None
     #: Relates samples of a batch, so DDP runs may gather the global batch (`gather: true`).
     relational: ClassVar[bool] = False
+    #: Some trained parameters get no gradient in some steps, so a multi-process run must
+    #: search the graph for unused parameters at every step (costly: only where needed).
+    leaves_parameters_unused: ClassVar[bool] = False
+    #: How to use the loss on the built-in CNNs (see `Example`).
+    example: ClassVar[Example] = Example()
 
     epoch: int | None = None
+    #: Set by a Term with `gather`: in a DDP run, the inputs already hold every process's
+    #: samples, so per-sample state needs no gathering of its own.
+    sees_global_batch: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        legacy = cls.__dict__.get("consumes")
+        if legacy is not None and not issubclass(cls, _KINDS):
+            kind = _legacy_kind(legacy, cls.__dict__.get("pairwise", True))
+            warnings.warn(f"{cls.__name__}: `consumes = {legacy!r}` is deprecated; subclass "
+                          f"featkd.losses.{kind.__name__} instead.", DeprecationWarning, stacklevel=2)
+            cls.reads_features, cls.evaluate = kind.reads_features, kind.evaluate  # type: ignore[method-assign]
+
+    def evaluate(self, inputs: TermInputs, objective: Callable[..., LossValue] | None = None) -> LossValue:
+        """Call `objective` (default: the loss itself) on what this kind reads; the Distiller's
+        only way into a loss. A direct DistillLoss subclass reads logits, as a LogitLoss does."""
+        return (objective or self)(inputs.student_logits, inputs.teacher_logits, inputs.targets, **inputs.extras)
 
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
         """Called once with the probed per-sample shapes of the (adapted) student features
@@ -98,13 +171,65 @@ class DistillLoss(nn.Module):
         """The current epoch (1-based), for losses whose weight or state depends on it."""
         self.epoch = epoch
 
-    def pretrain_loss(self, student: Any, teacher: Any) -> torch.Tensor | dict[str, torch.Tensor]:
-        """The objective of the `pretrain` stage; by default the loss itself."""
-        return self(student, teacher)
+    def trained_parameters(self) -> Iterator[nn.Parameter]:
+        """The loss's own parameters distillation trains (all of them, unless a stage fixed some)."""
+        return self.parameters()
+
+    def pretrain_loss(self, *args: Any, **kwargs: Any) -> LossValue:
+        """The objective of the `pretrain` stage, with `forward`'s signature; by default the loss itself."""
+        return self(*args, **kwargs)
 
     def pretrain_parameters(self) -> Iterator[nn.Parameter]:
         """The loss's own parameters the `pretrain` stage trains (when it trains "loss")."""
         return self.parameters()
+
+    @classmethod
+    def smoke_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Hyper-parameters for a seconds-long check of a config's wiring (`--smoke`); the
+        method's own, unless they cost more than tiny data can use."""
+        return params
+
+
+class LogitLoss(DistillLoss):
+    """A loss on outputs: `forward(student_logits, teacher_logits, targets)`.
+
+    `teacher_logits` is one teacher's logits, a tuple of an ensemble's (see `as_ensemble`),
+    or None when `needs_teacher` is False; `targets` are the labels (None when the batch has
+    none: set `needs_targets` if the loss reads them).
+    """
+
+
+class FeatureLoss(DistillLoss):
+    """A loss on captured features (the Term names them with `student=` and `teacher=`)."""
+
+    reads_features = True
+
+
+class FeaturePairLoss(FeatureLoss):
+    """A loss on one matched pair of features: `forward(student, teacher)`, called once per
+    pair (`student="layer*"` matches stage by stage); the term is the sum over pairs."""
+
+    def evaluate(self, inputs: TermInputs, objective: Callable[..., LossValue] | None = None) -> LossValue:
+        objective = objective or self
+        return [objective(s, t, **inputs.extras) for s, t in zip(inputs.students, inputs.teachers)]
+
+
+class FeatureSetLoss(FeatureLoss):
+    """A loss on all matched pairs at once: `forward(students, teachers)` with lists in
+    pair order; it returns one value, or one per pair (logged under each pair's name)."""
+
+    def evaluate(self, inputs: TermInputs, objective: Callable[..., LossValue] | None = None) -> LossValue:
+        return (objective or self)(inputs.students, inputs.teachers, **inputs.extras)
+
+
+_KINDS = (LogitLoss, FeaturePairLoss, FeatureSetLoss)
+
+
+def _legacy_kind(consumes: str, pairwise: bool) -> type[DistillLoss]:
+    """The kind a loss written for featkd 0.1 (`consumes`, `pairwise` flags) declared."""
+    if consumes == "logits":
+        return LogitLoss
+    return FeaturePairLoss if pairwise else FeatureSetLoss
 
 
 def full_precision(x: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from featkd import distributed
 from featkd.data import WithIndex, with_index
 from featkd.errors import ConfigError
-from featkd.losses.base import LOSSES, DistillLoss, full_precision
+from featkd.losses.base import LOSSES, Example, FeaturePairLoss, full_precision
 
 __all__ = ["CRDLoss", "WithIndex", "dataset_targets"]
 
@@ -74,7 +75,7 @@ def dataset_targets(dataset: Any) -> torch.Tensor:
 
 
 @LOSSES.register("crd")
-class CRDLoss(DistillLoss):
+class CRDLoss(FeaturePairLoss):
     """Contrastive representation distillation (Tian et al. 2020).
 
     Student and teacher embeddings pass through linear heads to `feat_dim` and are
@@ -91,11 +92,15 @@ class CRDLoss(DistillLoss):
     (B, K, dim) gather: every positive still meets K noise samples from the same distribution,
     at a fraction of the memory traffic. `share_negatives=False` draws K per sample, as the
     paper's code does.
+
+    In a multi-process (DDP) run the banks stay identical on every process: each step's
+    indices and embeddings are gathered from all processes for the bank update (with
+    `gather: true` the loss already sees them all), and Z is set from the global first batch.
     """
 
-    consumes = "features"
     relational = True
     default_weight = 0.8
+    example = Example("fc:in", "fc:in", params={"num_negatives": 64})
     has_shape_dependent_parameters = True
     batch_keys = ("index",)
 
@@ -189,17 +194,26 @@ class CRDLoss(DistillLoss):
             losses = self._shared_losses(e_s, e_t, index)
         else:
             losses = self._per_sample_losses(e_s, e_t, index)
-        with torch.no_grad():  # the scores above used copies of the rows, so the banks may move now
-            for bank, embedding in ((self.memory_student, e_s), (self.memory_teacher, e_t)):
-                bank[index] = F.normalize(bank[index] * self.momentum + embedding.detach() * (1 - self.momentum), dim=1)
+        self._update_banks(index, e_s.detach(), e_t.detach())  # the scores above used copies of the rows
         return losses
+
+    @torch.no_grad()
+    def _update_banks(self, index: torch.Tensor, e_s: torch.Tensor, e_t: torch.Tensor) -> None:
+        """Momentum update of the rows of this step's samples, from every process's samples."""
+        if not self.sees_global_batch:
+            index, e_s, e_t = (distributed.gather_rows(v) for v in (index, e_s, e_t))
+        for bank, embedding in ((self.memory_student, e_s), (self.memory_teacher, e_t)):
+            bank[index] = F.normalize(bank[index] * self.momentum + embedding * (1 - self.momentum), dim=1)
 
     def _set_normalizers(self, means: list[torch.Tensor]) -> None:
         """Z = n x mean score of the first batch, per side, fixed from then on (the paper's code)."""
         if not self._normalizers_set:
             with torch.no_grad():
+                mean = torch.stack(means)
+                if not self.sees_global_batch:  # every process's first batch, so all processes agree
+                    mean = distributed.all_reduce_sum(mean) / distributed.world_size()
                 first = self.normalizers < 0
-                self.normalizers.copy_(torch.where(first, torch.stack(means) * self.num_samples, self.normalizers))
+                self.normalizers.copy_(torch.where(first, mean * self.num_samples, self.normalizers))
             self._normalizers_set = True
 
     def _per_sample_losses(self, e_s, e_t, index) -> dict[str, torch.Tensor]:
@@ -241,6 +255,11 @@ class CRDLoss(DistillLoss):
         scores = torch.cat([(anchor * bank[index]).sum(1, keepdim=True), anchor @ bank[negatives].t()], 1)
         counted = torch.cat([torch.ones_like(keep[:, :1]), keep], 1)
         return torch.exp(scores[counted] / self.temperature).mean()
+
+    @classmethod
+    def smoke_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # a smoke run's tiny training set cannot feed 16384 negatives any faster than 256
+        return {**params, "num_negatives": min(params.get("num_negatives", 16384), 256)}
 
     def extra_repr(self) -> str:
         return (f"feat_dim={self.feat_dim}, num_negatives={self.num_negatives}, temperature={self.temperature}, "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -11,11 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from featkd.errors import ConfigError
-from featkd.losses.base import LOSSES, DistillLoss, PretrainStage, Shape, full_precision
+from featkd.losses.base import (
+    LOSSES,
+    Example,
+    FeaturePairLoss,
+    FeatureSetLoss,
+    PretrainStage,
+    Shape,
+    full_precision,
+)
 
 
 @LOSSES.register("fitnet")
-class FitNetHint(DistillLoss):
+class FitNetHint(FeaturePairLoss):
     """FitNets hint (Romero et al. 2015): regress the teacher's hint layer from the student's.
 
     L = mean (r(s) - t)^2, where r is the adapter (a 1x1 conv + BN regressor by default) that
@@ -25,7 +33,7 @@ class FitNetHint(DistillLoss):
     paper's pure two-stage recipe, where stage 2 is KD).
     """
 
-    consumes = "features"
+    example = Example("layer2", "layer2")
     default_weight = 100.0
     default_adapter = "auto"
     needs_same_shape = True
@@ -57,7 +65,7 @@ def pool_to_common_size(
 
 
 @LOSSES.register("at")
-class AttentionTransfer(DistillLoss):
+class AttentionTransfer(FeaturePairLoss):
     """Attention transfer (Zagoruyko & Komodakis 2017): match normalized spatial attention maps.
 
     a(f) = normalize(mean_c |f_c|^p) flattened over positions; L = mean (a(s) - a(t))^2 per
@@ -65,7 +73,7 @@ class AttentionTransfer(DistillLoss):
     are pooled to the smaller of the two.
     """
 
-    consumes = "features"
+    example = Example("layer*", "layer*")
     default_weight = 1000.0
 
     def __init__(self, p: float = 2.0) -> None:
@@ -90,12 +98,6 @@ class AttentionTransfer(DistillLoss):
         return f"p={self.p}"
 
 
-def _spatial_pool(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    return (F.adaptive_avg_pool2d if len(size) == 2 else F.adaptive_avg_pool1d)(x, tuple(size))
-
-
 def _check_maps(name: str, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
     for s, t in zip(student_shapes, teacher_shapes):
         if len(s) not in (2, 3) or len(s) != len(t):
@@ -106,7 +108,7 @@ def _check_maps(name: str, student_shapes: Sequence[Shape], teacher_shapes: Sequ
 
 
 @LOSSES.register("nst")
-class NSTLoss(DistillLoss):
+class NSTLoss(FeaturePairLoss):
     """Neuron selectivity transfer (Huang & Wang 2017): match the distributions of channels.
 
     Each channel's spatial map is L2-normalized; with the polynomial kernel k(a, b) = (a . b)^2,
@@ -115,7 +117,7 @@ class NSTLoss(DistillLoss):
     sizes are pooled to the smaller.
     """
 
-    consumes = "features"
+    example = Example("layer*", "layer*")
     default_weight = 50.0
 
     def bind(self, student_shapes, teacher_shapes) -> None:
@@ -143,7 +145,7 @@ class _VIDRegressor(nn.Sequential):
 
 
 @LOSSES.register("vid")
-class VIDLoss(DistillLoss):
+class VIDLoss(FeatureSetLoss):
     """Variational information distillation (Ahn et al. 2019): maximise a variational lower
     bound on the mutual information between teacher and student features.
 
@@ -153,8 +155,7 @@ class VIDLoss(DistillLoss):
     Spatial sizes are pooled to the smaller; regressors and variances are registered parameters.
     """
 
-    consumes = "features"
-    pairwise = False
+    example = Example("layer[23]", "layer[23]")
     has_shape_dependent_parameters = True
 
     def __init__(self, init_variance: float = 5.0, eps: float = 1e-5) -> None:
@@ -225,7 +226,7 @@ class Translator(nn.Sequential):
 
 
 @LOSSES.register("ft")
-class FactorTransfer(DistillLoss):
+class FactorTransfer(FeaturePairLoss):
     """Factor transfer (Kim et al. 2018): match compressed "factors" of the two networks.
 
     A paraphraser (autoencoder, rate k = 0.5) is first trained to reconstruct the teacher's
@@ -235,7 +236,7 @@ class FactorTransfer(DistillLoss):
     factors instead, as the CRD benchmark's implementation does.
     """
 
-    consumes = "features"
+    example = Example("layer3", "layer3")
     default_weight = 200.0
     has_shape_dependent_parameters = True
     pretrain = PretrainStage(
@@ -283,12 +284,16 @@ class FactorTransfer(DistillLoss):
         teacher = full_precision(teacher.detach())
         return F.mse_loss(self.paraphraser(teacher), teacher)
 
-    def pretrain_parameters(self):
+    def trained_parameters(self) -> Iterator[nn.Parameter]:
+        # the paraphraser is fixed after its own stage; distillation trains the translator
+        return self.translator.parameters() if self.translator is not None else iter(())
+
+    def pretrain_parameters(self) -> Iterator[nn.Parameter]:
         return self.paraphraser.parameters() if self.paraphraser is not None else iter(())
 
 
 @LOSSES.register("ab")
-class ActivationBoundaries(DistillLoss):
+class ActivationBoundaries(FeatureSetLoss):
     """Activation boundaries (Heo et al. 2019): make the student's neurons switch on and off
     where the teacher's do, by a hinge on pre-ReLU values.
 
@@ -300,8 +305,7 @@ class ActivationBoundaries(DistillLoss):
     only, hence the default weight 0 in distillation.
     """
 
-    consumes = "features"
-    pairwise = False
+    example = Example("layer*.0.bn", "layer*.0.bn")
     default_weight = 0.0
     default_adapter = "auto"
     needs_same_shape = True
@@ -335,7 +339,7 @@ def fsp_matrix(bottom: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
 
 
 @LOSSES.register("fsp")
-class FSPLoss(DistillLoss):
+class FSPLoss(FeatureSetLoss):
     """Flow of solution procedure (Yim et al. 2017): match Gram matrices between layers.
 
     For consecutive captured layers (l, l+1) on each side, G = mean_hw F_l F_{l+1}^T (C_l x
@@ -345,8 +349,7 @@ class FSPLoss(DistillLoss):
     hence the default weight 0 in distillation.
     """
 
-    consumes = "features"
-    pairwise = False
+    example = Example("layer[12]", "layer[12]", adapter="auto")
     default_weight = 0.0
     pretrain = PretrainStage(
         trains=("student", "adapters"), epochs=30,

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from featkd.errors import ConfigError
 from featkd.losses.base import (
     LOSSES,
-    DistillLoss,
+    Example,
+    LogitLoss,
     TeacherLogits,
     ensemble_log_probs,
     ensemble_mean_logits,
@@ -17,7 +18,7 @@ from featkd.losses.base import (
 
 
 @LOSSES.register("ce")
-class CrossEntropy(DistillLoss):
+class CrossEntropy(LogitLoss):
     """Cross-entropy with the labels (the task loss; no teacher).
 
     L = -(1/B) sum_i log softmax(s_i)[y_i], optionally with label smoothing.
@@ -37,7 +38,7 @@ class CrossEntropy(DistillLoss):
 
 
 @LOSSES.register("kd")
-class KDLoss(DistillLoss):
+class KDLoss(LogitLoss):
     """Hinton KD (Hinton, Vinyals & Dean 2015): match the teacher's softened outputs.
 
     L = T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch. The T^2 factor keeps
@@ -67,7 +68,7 @@ class KDLoss(DistillLoss):
 
 
 @LOSSES.register("logit_mse")
-class LogitMSE(DistillLoss):
+class LogitMSE(LogitLoss):
     """Logit matching (Ba & Caruana 2014): regress the teacher's raw logits.
 
     L = mean over batch and classes of (s - t)^2, on logits before the softmax. With several
@@ -81,7 +82,7 @@ class LogitMSE(DistillLoss):
 
 
 @LOSSES.register("dkd")
-class DKDLoss(DistillLoss):
+class DKDLoss(LogitLoss):
     """Decoupled KD (Zhao et al. 2022): KD split into target-class and non-target-class parts.
 
     L = w(epoch) * T^2 * (alpha * KL(b_t || b_s) + beta * KL(q_t || q_s)), where b = (p_gt,
@@ -92,6 +93,7 @@ class DKDLoss(DistillLoss):
 
     needs_targets = True
     default_weight = 1.0
+    example = Example(params={"warmup": 0})
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20) -> None:
         super().__init__()
@@ -138,7 +140,7 @@ def _non_target_log_probs(log_p: torch.Tensor, target_mask: torch.Tensor) -> tor
 
 
 @LOSSES.register("dist")
-class DISTLoss(DistillLoss):
+class DISTLoss(LogitLoss):
     """DIST (Huang et al. 2022): match relations of predictions, not their exact values.
 
     With p = softmax(z / T) over a batch (B x C): L = T^2 * (beta * (1 - mean_i rho(p_s[i], p_t[i]))

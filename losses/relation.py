@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from featkd.errors import ConfigError
-from featkd.losses.base import LOSSES, DistillLoss, full_precision
+from featkd.losses.base import LOSSES, Example, FeaturePairLoss, full_precision
 
 ANGLE_BLOCK_ELEMENTS = 1 << 20  # elements of one (anchors, B, B) block in the chunked angle (4 MB in fp32)
 
@@ -95,7 +95,7 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor, chunk_size: int | No
 
 
 @LOSSES.register("rkd")
-class RKDLoss(DistillLoss):
+class RKDLoss(FeaturePairLoss):
     """Relational KD (Park et al. 2019): match distances and angles between embeddings.
 
     L = w_d * smoothL1(psi_D(s), psi_D(t)) + w_a * smoothL1(psi_A(s), psi_A(t)), with
@@ -103,8 +103,8 @@ class RKDLoss(DistillLoss):
     Embeddings of any dimension (no adapter needed); invariant to scaling either side.
     """
 
-    consumes = "features"
     relational = True
+    example = Example("fc:in", "fc:in")
     default_weight = 1.0
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, chunk_size: int | None = None) -> None:
@@ -130,15 +130,15 @@ class RKDLoss(DistillLoss):
 
 
 @LOSSES.register("sp")
-class SimilarityPreserving(DistillLoss):
+class SimilarityPreserving(FeaturePairLoss):
     """Similarity-preserving KD (Tung & Mori 2019): match the batch's pairwise similarities.
 
     With F the (B, D) flattened features, G = row-normalize(F F^T);
     L = ||G_s - G_t||_F^2 / B^2, per layer pair. Any feature shapes (no adapter needed).
     """
 
-    consumes = "features"
     relational = True
+    example = Example("layer3", "layer3")
     default_weight = 3000.0
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -153,7 +153,7 @@ class SimilarityPreserving(DistillLoss):
 
 
 @LOSSES.register("cc")
-class CorrelationCongruence(DistillLoss):
+class CorrelationCongruence(FeaturePairLoss):
     """Correlation congruence (Peng et al. 2019): match the correlation between embeddings.
 
     Embeddings are L2-normalized and compared with a Gaussian RBF kernel in its order-P Taylor
@@ -161,8 +161,8 @@ class CorrelationCongruence(DistillLoss):
     L = ||K_s - K_t||_F^2 / B^2.
     """
 
-    consumes = "features"
     relational = True
+    example = Example("fc:in", "fc:in")
     default_weight = 0.02
 
     def __init__(self, gamma: float = 0.4, order: int = 2) -> None:
@@ -190,7 +190,7 @@ class CorrelationCongruence(DistillLoss):
 
 
 @LOSSES.register("pkt")
-class ProbabilisticKT(DistillLoss):
+class ProbabilisticKT(FeaturePairLoss):
     """Probabilistic knowledge transfer (Passalis & Tefas 2018): match the distributions the
     embeddings induce over the batch.
 
@@ -199,8 +199,8 @@ class ProbabilisticKT(DistillLoss):
     (p^s_{j|i} + eps)), a KL divergence averaged over the B x B entries.
     """
 
-    consumes = "features"
     relational = True
+    example = Example("fc:in", "fc:in")
     default_weight = 30000.0
 
     def __init__(self, eps: float = 1e-7) -> None:

@@ -10,7 +10,7 @@ from featkd.config import load_config
 from featkd.engine import StageSettings, fit
 from featkd.logging import NullLogger
 from featkd.runtime import seed_everything
-from featkd.trainer import make_loaders
+from featkd.data import make_loaders
 
 out = Path(sys.argv[1])
 device = distributed.setup("cpu")

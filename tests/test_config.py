@@ -99,7 +99,7 @@ def test_flatten_gives_dotted_keys():
 def test_a_saved_config_keeps_each_terms_adapter_choice():
     """The resolved config a run saves (and --smoke, compare and resume reload) must build the
     same adapters as the file it came from: the loss's default, none, or a named one."""
-    from featkd.trainer import terms_from
+    from featkd.terms import terms_from
 
     config = load_config("zoo/ab.yaml", ["loss.hint_plain.type=fitnet", "loss.hint_plain.student=layer2",
                                          "loss.hint_plain.teacher=layer2", "loss.hint_plain.adapter=null",

@@ -59,7 +59,7 @@ def _roundtrip(config):
 
 
 def _plan(config):
-    from featkd.trainer import terms_from
+    from featkd.terms import terms_from
 
     stages = config.stages or []
     terms = [terms_from(s.terms) for s in stages] if stages else [terms_from(config.terms)]

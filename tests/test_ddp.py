@@ -83,3 +83,18 @@ def test_a_gathered_relational_loss_sees_the_global_batch(tmp_path, teacher_chec
     assert l_log[0]["train/loss/rkd"] != pytest.approx(o_log[0]["train/loss/rkd"], rel=1e-3)
     for key in one["model"]:  # and the gradients match the one-process ones
         torch.testing.assert_close(gathered["model"][key], one["model"][key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gather", ["gather", "local"])
+def test_crd_memory_banks_hold_every_processs_samples_and_agree_across_ranks(tmp_path, gather):
+    # 256 samples, 2 processes of batch 32: one epoch visits every sample exactly once
+    torchrun("tests/ddp_crd_worker.py", str(tmp_path), gather)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for name in ("memory_student", "memory_teacher"):
+        initial, final = ranks[0]["initial"][name], ranks[0]["final"][name]
+        updated = ~torch.isclose(final, initial).all(1)
+        assert int(updated.sum()) == 256, name
+        torch.testing.assert_close(final.norm(dim=1), torch.ones(256))  # each row a momentum-updated unit vector
+        assert torch.equal(final, ranks[1]["final"][name]), name
+    assert torch.equal(ranks[0]["final"]["normalizers"], ranks[1]["final"]["normalizers"])
+    assert (ranks[0]["final"]["normalizers"] > 0).all()

@@ -8,7 +8,7 @@ from torch import nn
 import featkd
 from featkd import Distiller, Term
 from featkd.errors import ConfigError
-from featkd.losses import DistillLoss
+from featkd.losses import DistillLoss, FeaturePairLoss, FeatureSetLoss
 from featkd.models import build_model
 
 
@@ -175,10 +175,8 @@ def test_custom_loss_module_as_a_term(pair):
 def test_learnable_loss_state_is_optimized(pair):
     teacher, student, x, y = pair
 
-    class Scaled(DistillLoss):
+    class Scaled(FeaturePairLoss):
         """MSE after a learnable scale."""
-
-        consumes = "features"
 
         def __init__(self):
             super().__init__()
@@ -229,10 +227,8 @@ def test_inplace_features_are_captured_before_the_relu(pair):
     # layer1.0.bn is followed by an in-place ReLU in the built-in models
     seen = []
 
-    class Record(DistillLoss):
+    class Record(FeaturePairLoss):
         """Keeps what it was given."""
-
-        consumes = "features"
 
         def forward(self, s, t):
             seen.append((s.detach(), t))
@@ -247,3 +243,35 @@ def test_inplace_features_are_captured_before_the_relu(pair):
     with torch.no_grad():
         expected = teacher.layer1[0].bn(teacher.layer1[0].conv(x))
     torch.testing.assert_close(teacher_bn, expected)
+
+
+def test_a_loss_written_with_the_old_consumes_flags_still_works_and_is_told_its_kind(pair):
+    teacher, student, x, y = pair
+    with pytest.warns(DeprecationWarning, match="subclass featkd.losses.FeatureSetLoss"):
+        class Layers(DistillLoss):
+            """Sum over pairs of mean squared distance, given all pairs at once."""
+
+            consumes = "features"
+            pairwise = False
+
+            def forward(self, students, teachers):
+                return [(s - t).pow(2).mean() for s, t in zip(students, teachers)]
+
+    out = Distiller(teacher, student, [Term(Layers(), student="layer3", teacher="layer3", adapter="auto")],
+                    example_input=x)(x, y)
+    assert list(out.losses) == ["Layers"] and torch.isfinite(out.loss)
+
+
+def test_a_feature_set_loss_gets_every_pair_at_once(pair):
+    teacher, student, x, y = pair
+    calls = []
+
+    class Count(FeatureSetLoss):
+        """Records how many pairs it is given."""
+
+        def forward(self, students, teachers):
+            calls.append(len(students))
+            return [(s.mean() - t.mean()).pow(2) for s, t in zip(students, teachers)]
+
+    out = Distiller(teacher, student, [Term(Count(), student="layer*", teacher="layer*")], example_input=x)(x, y)
+    assert calls == [3] and set(out.parts) == {"Count/layer1", "Count/layer2", "Count/layer3"}

@@ -48,7 +48,7 @@ def test_the_teacher_runs_only_until_every_view_is_cached(tmp_path):
     teacher, student = build_model("cnn_small", 10, (1, 8, 8)), build_model("cnn_tiny", 10, (1, 8, 8))
     distiller = Distiller(teacher, student, [Term("ce", 0.1), Term("kd", 0.9)], example_input=bundle.train.inputs[:4],
                           teacher_cache=TeacherCacheSettings("fp32"))
-    from featkd.trainer import make_loaders
+    from featkd.data import make_loaders
 
     config = load_config("configs/quickstart.yaml")
     loader, _ = make_loaders(distiller.prepare_data(bundle.train), bundle.test, config.data, seed=0)

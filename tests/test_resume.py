@@ -101,7 +101,7 @@ def test_a_killed_run_resumes_from_its_last_epoch_checkpoint(tmp_path, reference
 def test_resume_refuses_a_different_config_and_a_folder_that_is_not_a_run(tmp_path, reference):
     with pytest.raises(ConfigError, match=r"differs from the run's in .*train\.epochs"):
         from featkd.config import load_config
-        from featkd.trainer import resume_config
+        from featkd.run_folder import resume_config
 
         resume_config(reference, load_config(CONFIG, [*SETTINGS, "train.epochs=7"]))
     assert main(["train", "--resume", str(tmp_path)]) == 2

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from featkd.config import TrainConfig
-from featkd.data import build_data
+from featkd.data import build_data, make_loaders
 from featkd.distiller import Distiller, Term
 from featkd.engine import StageSettings, fit
 from featkd.models import build_model
@@ -48,7 +48,6 @@ class Row:
 
 def run(teacher: str = "torchvision:resnet34", student: str = "torchvision:resnet18", input_shape: tuple = (3, 32, 32),
         classes: int = 100, samples: int = 1024, batch: int = 64, epochs: int = 4, device: str = "cpu") -> list[Row]:
-    from featkd.trainer import make_loaders
     from featkd.config import load_config
 
     dev = torch.device(device)

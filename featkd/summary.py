@@ -1,0 +1,81 @@
+"""A finished run's outcome: accuracies of the final stage's student and teachers, how often
+they agree, their sizes and multiply-adds (what `train()` returns, `summary.json` holds and
+the final stage's W&B summary shows)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from featkd.engine import StageResult
+from featkd.evaluation import evaluate, multiply_adds
+from featkd.models import count_parameters
+
+
+@dataclass
+class RunResult:
+    """What `train()` returns (also written to `summary.json`)."""
+
+    run_dir: Path
+    student: StageResult  # the final stage
+    stages: dict[str, StageResult] = field(default_factory=dict)
+    teacher_acc: list[float] = field(default_factory=list)
+    agreement: float | None = None
+    student_params: int = 0
+    teacher_params: list[int] = field(default_factory=list)
+    student_macs: int | None = None
+    teacher_macs: list[int | None] = field(default_factory=list)
+    teacher_models: list[str] = field(default_factory=list)
+
+    def values(self) -> dict[str, Any]:
+        """Plain values of the outcome (summary.json and the final stage's W&B summary)."""
+        values = {k: v for k, v in asdict(self).items() if k not in ("run_dir", "student", "stages")}
+        values.update({"best_acc": self.student.best_acc, "best_epoch": self.student.best_epoch,
+                       "last_acc": self.student.last_acc})
+        return values
+
+
+def measure(run_dir: Path, results: dict[str, StageResult], final: str, student: nn.Module,
+            teachers: list[tuple[str, nn.Module]], test_loader: DataLoader, input_shape: tuple[int, ...],
+            device: torch.device, precision: str = "fp32", channels_last: bool = False) -> RunResult:
+    """The outcome of a run whose final stage `final` trained `student` from `teachers`
+    ((model name, model) pairs): top-1 of each on the test set, agreement with the first teacher,
+    parameters and multiply-adds."""
+    teacher_acc, agreement = [], None
+    models = [model for _, model in teachers]
+    for i, teacher in enumerate(models):
+        result = evaluate(student, test_loader, device, precision, reference=teacher, channels_last=channels_last)
+        teacher_acc.append(evaluate(teacher, test_loader, device, precision, channels_last=channels_last)["acc"])
+        if i == 0:
+            agreement = result["agreement"]
+    return RunResult(
+        run_dir, results[final], dict(results), teacher_acc, agreement,
+        count_parameters(student), [count_parameters(t) for t in models],
+        multiply_adds(student, input_shape, device), [multiply_adds(t, input_shape, device) for t in models],
+        [name for name, _ in teachers])
+
+
+def summary_lines(result: RunResult) -> list[str]:
+    """A short human summary of a finished run."""
+    s = result.student
+
+    def macs(n: int | None) -> str:
+        return f"  {n / 1e6:,.2f}M multiply-adds" if n is not None else ""
+
+    lines = [
+        f"run folder   {result.run_dir}",
+        f"student      top-1 last {s.last_acc:.2f}%  best {s.best_acc:.2f}% (epoch {s.best_epoch}/{s.epochs})"
+        f"  {result.student_params:,} parameters{macs(result.student_macs)}  {s.seconds:.1f}s",
+    ]
+    for i, (acc, params, m) in enumerate(zip(result.teacher_acc, result.teacher_params, result.teacher_macs)):
+        lines.append(f"teacher{i if len(result.teacher_acc) > 1 else ''}      top-1 {acc:.2f}%  {params:,} parameters{macs(m)}")
+    if result.agreement is not None:
+        lines.append(f"agreement    student and teacher predict the same class on {result.agreement:.2f}% of test images")
+    if s.skipped_steps:
+        lines.append(f"skipped      {s.skipped_steps} steps with a non-finite loss")
+    return lines
