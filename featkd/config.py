@@ -462,9 +462,8 @@ def validate(data: dict[str, Any]) -> Config:
 
 def check_semantics(config: Config) -> None:
     """Names that must exist in registries, and arguments their constructors must accept;
-    every stage's loss terms, built as the trainer builds them."""
+    every stage's loss terms, built as the trainer builds them (`featkd.terms`)."""
     from featkd.registry import import_plugins
-    from featkd.stages import plan_stages
 
     import_plugins(config.plugins)
     _check_data("data", config.data)
@@ -481,13 +480,9 @@ def check_semantics(config: Config) -> None:
             _check_model(teacher, key)
             _check_training(f"{key}.train", teacher.train)
         _check_training("train", config.train)
-        if not config.terms:
-            raise ConfigError("loss: no terms left; keep at least one, e.g. loss.ce.weight=1.")
+        _check_terms("loss", config.terms, len(config.teacher or []), "set `teacher:`")
     else:
         _check_stages(config)
-    for stage in plan_stages(config).stages:
-        if stage.specialists is None:
-            _check_terms(stage.loss_key, stage.terms, len(stage.teachers), stage.teacher_hint)
     if not (config.device in ("auto", "cpu", "cuda", "mps") or config.device.startswith("cuda:")):
         raise ConfigError(f"device: {config.device!r}; use auto, cpu, cuda, cuda:N or mps.")
 
@@ -553,8 +548,7 @@ def _check_stages(config: Config) -> None:
                     f"before {stage.name!r} or give models.{teacher}.checkpoint."
                 )
         _check_training(f"{key}.train", stage.train)
-        if not stage.terms:
-            raise ConfigError(f"{key}.loss: no terms left; keep at least one, e.g. {key}.loss.ce.weight=1.")
+        _check_terms(f"{key}.loss", stage.terms, len(stage.teacher), f"set {key}.teacher")
         ready.add(stage.model)
 
 
@@ -563,6 +557,8 @@ def _check_terms(key: str, loss: dict[str, TermConfig], teachers: int, add_teach
     the term's own rules are checked by the Term itself; the pre-training settings here."""
     from featkd.terms import terms_from
 
+    if not loss:
+        raise ConfigError(f"{key}: no terms left; keep at least one, e.g. {key}.ce.weight=1.")
     for term, spec in zip(terms_from(loss, key, add_teacher), loss.values()):
         term.check_teachers(teachers)
         where = f"{key}.{term.name}.pretrain"
