@@ -14,30 +14,53 @@ A comparison file looks like
 Each variant is deep-merged over the base (after any command-line overrides), every variant
 is validated before the first run starts, and teachers are trained once and shared through
 the teacher cache. The table reports the last-epoch and the best-epoch top-1, each labelled,
-as mean and sample standard deviation over the seeds.
+as mean and sample standard deviation over the seeds, and each variant's difference from the
+baseline with a 95% bootstrap interval over seeds and test samples (`featkd.stats`).
+
+A `select:` section chooses settings for every variant by one rule, on a validation split,
+before the compared runs (the data must hold one out, e.g. `validation_fraction: 0.2`):
+
+    select:
+      grid: {train.optimizer.lr: [0.003, 0.01, 0.03, 0.1]}
+      seeds: [100, 101]              # the selection runs' seeds (default [0])
+
+Each variant runs every grid point with those seeds and keeps the point of highest mean
+last-epoch validation top-1 (the first of equals); the table says what each variant chose.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from featkd.config import Config, apply_overrides, deep_merge, find_config, read_yaml, smoke_config, validate
 from featkd.errors import ConfigError
+from featkd.stats import Interval, bootstrap_difference
+from featkd.summary import test_correct
 from featkd.trainer import train
+
+
+class Selection(BaseModel):
+    """Settings each variant chooses on the validation split, by the same rule (see above)."""
+
+    model_config = ConfigDict(extra="forbid")
+    grid: dict[str, list[Any]] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
 
 class ComparisonSpec(BaseModel):
@@ -48,6 +71,7 @@ class ComparisonSpec(BaseModel):
     base: str
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     baseline: str | None = None
+    select: Selection | None = None
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
 
 
@@ -62,6 +86,7 @@ class RunRow:
     best_epoch: int
     seconds: float
     run_dir: str
+    val_acc: float | None = None  # validation top-1 of the last epoch, with a validation split
 
 
 @dataclass
@@ -73,6 +98,8 @@ class VariantSummary:
     best_std: float
     seeds: int
     delta_last: float | None
+    #: the last-epoch difference from the baseline with its 95% interval (runs with predictions)
+    interval: Interval | None = None
 
 
 @dataclass
@@ -85,6 +112,11 @@ class ComparisonResult:
     teachers_by_variant: dict[str, list[tuple[str, float]]]
     baseline: str | None
     seconds: float
+    #: with `select:`, the grid points tried, each variant's choice, and the selection runs
+    #: (named "<variant> @ <point>")
+    points: list[dict[str, Any]] = field(default_factory=list)
+    chosen: dict[str, dict[str, Any]] = field(default_factory=dict)
+    selection: list[RunRow] = field(default_factory=list)
 
     @property
     def teacher_models(self) -> list[str]:
@@ -120,13 +152,19 @@ def slug(text: str) -> str:
 
 
 def _has_parent(data: dict[str, Any], override: str) -> bool:
-    """Whether the mapping that `a.b.c=value` writes into exists in `data`."""
+    """Whether the mapping that `a.b.c=value` writes into exists in `data` (a list of one
+    mapping stands for it, as `teacher.seed` addresses the only teacher)."""
     node: Any = data
     for part in override.partition("=")[0].strip().split(".")[:-1]:
+        if isinstance(node, list):
+            if part.lstrip("-").isdigit():
+                node = node[int(part)] if -len(node) <= int(part) < len(node) else None
+                continue
+            node = node[0] if len(node) == 1 else None
         if not isinstance(node, dict) or node.get(part) is None:
             return False
         node = node[part]
-    return isinstance(node, (dict, str))  # a str is a shorthand section such as `logger: none`
+    return isinstance(node, (dict, str, list))  # a str is a shorthand section such as `logger: none`
 
 
 def plan(spec: ComparisonSpec, spec_path: Path, overrides: Sequence[str] = ()) -> dict[str, Config]:
@@ -138,16 +176,26 @@ def plan(spec: ComparisonSpec, spec_path: Path, overrides: Sequence[str] = ()) -
     """
     base = read_yaml(spec_path.parent / spec.base)
     merged = {name: deep_merge(base, changes) for name, changes in spec.variants.items()}
+    sections = {name: _sections(data) for name, data in merged.items()}
     for override in overrides:
-        if "=" in override and not any(_has_parent(data, override) for data in merged.values()):
+        if "=" in override and not any(_has_parent(data, override) for data in sections.values()):
             raise ConfigError(f"override {override!r} matches no variant: none of them has that section.")
     configs = {}
     for name, data in merged.items():
+        mine = [o for o in overrides if "=" not in o or _has_parent(sections[name], o)]
         try:
-            configs[name] = validate(apply_overrides(data, [o for o in overrides if "=" not in o or _has_parent(data, o)]))
+            configs[name] = validate(apply_overrides(data, mine))
         except ConfigError as exc:
             raise ConfigError(f"variant {name!r}: {exc}") from None
     return configs
+
+
+def _sections(data: dict[str, Any]) -> dict[str, Any]:
+    """A variant as its config reads it: default sections filled in, removed ones null."""
+    try:
+        return validate(data).to_dict()
+    except ConfigError:  # only valid with the overrides: judge by what it writes
+        return data
 
 
 def run_comparison(path: str | Path, overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
@@ -164,12 +212,63 @@ def run_comparison(path: str | Path, overrides: Sequence[str] = (), seeds: Seque
         seeds = seeds[:1]
     folder = new_folder(next(iter(configs.values())).output_dir, spec.name)
     start = time.perf_counter()
+    chosen: dict[str, dict[str, Any]] = {}
+    selection: list[RunRow] = []
+    if spec.select is not None:
+        chosen, selection = select(configs, spec.select, folder / "select", progress, jobs, smoke)
+        configs = {name: with_setting(config, chosen[name]) for name, config in configs.items()}
     runs = run_grid(configs, seeds, folder, progress, jobs)
     rows = [row for row, _ in runs]
+    points = settings_of(spec.select.grid) if spec.select is not None else []
     outcome = ComparisonResult(spec.name, folder, rows, summarize(rows, list(configs), spec.baseline),
-                               teachers_by_variant(runs), spec.baseline, time.perf_counter() - start)
+                               teachers_by_variant(runs), spec.baseline, time.perf_counter() - start, points, chosen,
+                               selection)
     write_results(outcome)
     return outcome
+
+
+def settings_of(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every point of a grid of override keys (a `seed` axis is left out: seeds replicate)."""
+    axes = {k: v for k, v in grid.items() if k != "seed"}
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]
+
+
+def setting_override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in setting.items()) or "base"
+
+
+def with_setting(config: Config, setting: dict[str, Any]) -> Config:
+    """`config` with a grid point's overrides applied (and validated)."""
+    return validate(apply_overrides(config.to_dict(), [setting_override(k, v) for k, v in setting.items()]))
+
+
+def select(configs: dict[str, Config], selection: Selection, folder: Path, progress: bool = True, jobs: int = 1,
+           smoke: bool = False) -> tuple[dict[str, dict[str, Any]], list[RunRow]]:
+    """Each variant's grid point of highest mean last-epoch validation top-1 over the
+    selection seeds (the first of equals), and the rows of every selection run."""
+    points = settings_of(selection.grid)
+    grid = {}
+    for name, config in configs.items():
+        for point in points:
+            try:
+                grid[f"{name} @ {setting_label(point)}"] = with_setting(config, point)
+            except ConfigError as exc:
+                raise ConfigError(f"select: variant {name!r} at {setting_label(point)}: {exc}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [row for row, _ in run_grid(grid, selection.seeds[:1] if smoke else selection.seeds, folder, progress, jobs)]
+    if any(r.val_acc is None for r in rows):
+        raise ConfigError("select: the runs have no validation split to choose on; hold one out of the training "
+                          "data (e.g. data.args.validation_fraction: 0.2).")
+    chosen = {}
+    for name in configs:
+        scores = [statistics.fmean(r.val_acc for r in rows if r.variant == f"{name} @ {setting_label(p)}")
+                  for p in points]
+        chosen[name] = points[scores.index(max(scores))]
+    return chosen, rows
 
 
 def new_folder(output_dir: str, name: str) -> Path:
@@ -220,7 +319,7 @@ def run_grid(configs: dict[str, Config], seeds: Sequence[int], folder: Path, pro
     def record(index: int, outcome: dict[str, Any]) -> None:
         name, seed, _, run_dir = tasks[index]
         s = outcome["student"]
-        row = RunRow(name, seed, s["last_acc"], s["best_acc"], s["best_epoch"], s["seconds"], run_dir)
+        row = RunRow(name, seed, s["last_acc"], s["best_acc"], s["best_epoch"], s["seconds"], run_dir, s.get("val_acc"))
         results[index] = (row, outcome)
         if progress:
             print(f"[{len(results)}/{len(tasks)}] {name} seed {seed}: top-1 last {row.last_acc:.2f}% "
@@ -268,31 +367,67 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(rows: list[RunRow], order: list[str], baseline: str | None) -> list[VariantSummary]:
     by_variant = {name: [r for r in rows if r.variant == name] for name in order}
-    base_last = _mean_std([r.last_acc for r in by_variant[baseline]])[0] if baseline and by_variant.get(baseline) else None
+    base_runs = by_variant.get(baseline, []) if baseline else []
+    base_last = _mean_std([r.last_acc for r in base_runs])[0] if base_runs else None
     out = []
     for name, runs in by_variant.items():
         if not runs:
             continue
         last = _mean_std([r.last_acc for r in runs])
         best = _mean_std([r.best_acc for r in runs])
-        delta = None if base_last is None or name == baseline else last[0] - base_last
-        out.append(VariantSummary(name, *last, *best, len(runs), delta))
+        compared = base_last is not None and name != baseline
+        out.append(VariantSummary(name, *last, *best, len(runs), last[0] - base_last if compared else None,
+                                  difference(runs, base_runs) if compared else None))
     return out
+
+
+def difference(runs: list[RunRow], baseline: list[RunRow]) -> Interval | None:
+    """The runs' mean test top-1 minus the baseline's, with its 95% bootstrap interval over
+    seeds and test samples, paired by seed when both ran the same seeds (None without the
+    runs' test predictions)."""
+    try:
+        a, b = ([test_correct(r.run_dir).numpy() for r in sorted(group, key=lambda r: r.seed)] for group in (runs, baseline))
+    except FileNotFoundError:
+        return None
+    return bootstrap_difference(np.stack(a), np.stack(b), sorted(r.seed for r in runs) == sorted(r.seed for r in baseline))
 
 
 def results_markdown(result: ComparisonResult) -> str:
     seeds = sorted({r.seed for r in result.rows})
     lines = _teacher_lines(result)
+    validated = any(r.val_acc is not None for r in result.rows)
+    best = "best epoch (chosen on the validation split)" if validated else \
+        "best epoch (selected on the test set, so optimistic)"
     lines += [
         f"Student top-1 on the test set, mean ± std over seeds {', '.join(map(str, seeds))}. "
-        "*last* = after the final epoch; *best* = best epoch (selected on the test set, so optimistic).",
+        f"*last* = after the final epoch; *best* = {best}. Δ: difference of last-epoch means from the "
+        "baseline, with a 95% bootstrap interval over seeds and test samples.",
         "",
-        "| method | top-1 last | top-1 best | Δ last vs " + (result.baseline or "baseline") + " |",
+        "| method | top-1 last | top-1 best | Δ last vs " + (result.baseline or "baseline") + " [95% CI] |",
         "|---|---|---|---|",
     ]
     for s in result.summaries:
-        delta = "—" if s.delta_last is None else f"{s.delta_last:+.2f}"
+        delta = "—" if s.delta_last is None else str(s.interval) if s.interval else f"{s.delta_last:+.2f}"
         lines.append(f"| {s.variant} | {s.last_mean:.2f} ± {s.last_std:.2f} | {s.best_mean:.2f} ± {s.best_std:.2f} | {delta} |")
+    if result.chosen:
+        lines += ["", selection_markdown(result)]
+    return "\n".join(lines)
+
+
+def selection_markdown(result: ComparisonResult) -> str:
+    """Every variant's selection runs: mean last-epoch validation top-1 per setting, chosen marked."""
+    seeds = sorted({r.seed for r in result.selection})
+    lines = [f"Settings chosen on the validation split (mean last-epoch validation top-1 over seeds "
+             f"{', '.join(map(str, seeds))}; **bold**: chosen):", "",
+             "| method | " + " | ".join(setting_label(p) for p in result.points) + " |",
+             "|---|" + "---|" * len(result.points)]
+    for variant, chosen in result.chosen.items():
+        cells = []
+        for point in result.points:
+            mine = [r.val_acc for r in result.selection if r.variant == f"{variant} @ {setting_label(point)}"]
+            cell = f"{statistics.fmean(mine):.2f}"
+            cells.append(f"**{cell}**" if point == chosen else cell)
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -309,5 +444,8 @@ def write_results(result: ComparisonResult) -> None:
         "teachers_by_variant": result.teachers_by_variant,
         "summaries": [asdict(s) for s in result.summaries],
         "runs": [asdict(r) for r in result.rows],
+        "points": result.points,
+        "chosen": result.chosen,
+        "selection": [asdict(r) for r in result.selection],
         "seconds": result.seconds,
     }, indent=2) + "\n")

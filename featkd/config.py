@@ -79,13 +79,16 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """How one model is trained: epochs, optimizer, schedule, clipping, accumulation."""
+    """How one model is trained: epochs, optimizer, schedule, clipping, accumulation; the
+    checkpoints of the epochs in `keep_epochs` are kept (`<stage>-epoch<N>.pt`, or `epoch<N>.pt`
+    for the final stage), e.g. for an early-stopped teacher."""
 
     epochs: PositiveInt = 30
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     grad_clip: float | None = Field(default=None, gt=0)
     accumulate: PositiveInt = 1
+    keep_epochs: list[PositiveInt] = Field(default_factory=list)
 
 
 class ModelConfig(_Strict):

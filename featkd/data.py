@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,13 +30,15 @@ DATASETS: Registry = Registry("dataset")
 
 @dataclass
 class DataBundle:
-    """What a dataset builder returns."""
+    """What a dataset builder returns; `val` is a validation split held out of the training
+    data (`validation_fraction`), for choosing settings and epochs without the test set."""
 
     train: Dataset
     test: Dataset
     num_classes: int
     input_shape: tuple[int, ...]
     class_names: list[str] = field(default_factory=list)
+    val: Dataset | None = None
 
 
 class ArrayDataset(Dataset):
@@ -153,33 +155,66 @@ def _check_fraction(fraction: float) -> None:
         raise DataError(f"train_fraction must be in (0, 1], got {fraction}.")
 
 
+def _check_validation(fraction: float) -> None:
+    if not 0 <= fraction < 1:
+        raise DataError(f"validation_fraction must be in [0, 1), got {fraction}.")
+
+
+def validation_indices(targets: Sequence[int] | np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices: a stratified `fraction` of the samples held out, fixed by `seed`."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(targets))
+    if fraction == 0:
+        return index, index[:0]
+    train, val = train_test_split(index, test_size=fraction, stratify=np.asarray(targets), random_state=seed)
+    return np.sort(train), np.sort(val)
+
+
+def _array_bundle(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, *, validation: float,
+                  train_fraction: float, exclude: Sequence[int], seed: int, augment: Callable[..., torch.Tensor] | None,
+                  views: int | None, input_shape: tuple[int, ...], num_classes: int = 10) -> DataBundle:
+    """Split off the validation images, shrink the training set, standardise all by the training
+    images' statistics; augmentation applies to the training images only."""
+    train_index, val_index = validation_indices(y_tr, validation, seed)
+    x_val, y_val = x_tr[val_index], y_tr[val_index]
+    x_tr, y_tr = _subset(x_tr[train_index], y_tr[train_index], train_fraction, exclude, seed)
+    x_tr, x_te, x_val = _standardize(x_tr, x_te, x_val)
+    return DataBundle(
+        ArrayDataset(x_tr, torch.from_numpy(y_tr), augment, views, seed),
+        ArrayDataset(x_te, torch.from_numpy(y_te)),
+        num_classes=num_classes,
+        input_shape=input_shape,
+        class_names=[str(i) for i in range(num_classes)],
+        val=ArrayDataset(x_val, torch.from_numpy(y_val)) if len(val_index) else None,
+    )
+
+
 @DATASETS.register("digits")
 def digits(augment: bool = True, test_fraction: float = 0.2, train_fraction: float = 1.0,
-           exclude_classes: tuple[int, ...] = (), split_seed: int = 0, views: int | None = None) -> DataBundle:
+           exclude_classes: tuple[int, ...] = (), split_seed: int = 0, views: int | None = None,
+           validation_fraction: float = 0.0) -> DataBundle:
     """scikit-learn's handwritten digits (1,797 real 8x8 images, 10 classes), shipped with the package.
 
     A fixed stratified split (test_fraction, split_seed) gives 1,437 train / 360 test images;
     augmentation shifts images by up to one pixel, freshly random each epoch, or from `views`
-    fixed random shifts per sample, replayed by seed. `train_fraction` and `exclude_classes`
-    shrink the training set only (the test set stays whole).
+    fixed random shifts per sample, replayed by seed. `validation_fraction` holds out a
+    stratified part of the training images as a validation set (0.2: 288 images); then
+    `train_fraction` and `exclude_classes` shrink what is left for training (the test set
+    stays whole).
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     _check_fraction(train_fraction)
+    _check_validation(validation_fraction)
     data = load_digits()
     x = (data.images / 16.0).astype(np.float32)[:, None]
     y = data.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=split_seed)
-    x_tr, y_tr = _subset(x_tr, y_tr, train_fraction, exclude_classes, split_seed)
-    x_tr, x_te = _standardize(x_tr, x_te)
-    return DataBundle(
-        ArrayDataset(x_tr, torch.from_numpy(y_tr), RandomShift(1) if augment else None, views, split_seed),
-        ArrayDataset(x_te, torch.from_numpy(y_te)),
-        num_classes=10,
-        input_shape=(1, 8, 8),
-        class_names=[str(i) for i in range(10)],
-    )
+    return _array_bundle(x_tr, y_tr, x_te, y_te, validation=validation_fraction, train_fraction=train_fraction,
+                         exclude=exclude_classes, seed=split_seed, augment=RandomShift(1) if augment else None,
+                         views=views, input_shape=(1, 8, 8))
 
 
 @functools.lru_cache(maxsize=4)
@@ -199,28 +234,26 @@ def _mnist1d_arrays(num_samples: int, seed: int) -> tuple[np.ndarray, ...]:
 
 @DATASETS.register("mnist1d")
 def mnist1d(num_samples: int = 5000, seed: int = 42, augment: bool = False,
-            train_fraction: float = 1.0, exclude_classes: tuple[int, ...] = (), views: int | None = None) -> DataBundle:
+            train_fraction: float = 1.0, exclude_classes: tuple[int, ...] = (), views: int | None = None,
+            validation_fraction: float = 0.0) -> DataBundle:
     """MNIST-1D (Greydanus 2020): 1-D signals of length 40, 10 classes, generated procedurally.
 
     Defaults give the standard 4,000 train / 1,000 test split. Input shape (1, 40).
+    `validation_fraction` holds out a stratified part of the training signals (0.2: 800).
     """
     _check_fraction(train_fraction)
+    _check_validation(validation_fraction)
     x_tr, y_tr, x_te, y_te = _mnist1d_arrays(num_samples, seed)
-    x_tr, y_tr = _subset(x_tr, y_tr.astype(np.int64), train_fraction, exclude_classes, seed)
-    x_tr, x_te = _standardize(x_tr[:, None], x_te[:, None])
-    return DataBundle(
-        ArrayDataset(x_tr, torch.from_numpy(y_tr), RandomShift(2) if augment else None, views, seed),
-        ArrayDataset(x_te, torch.from_numpy(y_te.astype(np.int64))),
-        num_classes=10,
-        input_shape=(1, 40),
-        class_names=[str(i) for i in range(10)],
-    )
+    return _array_bundle(x_tr[:, None], y_tr.astype(np.int64), x_te[:, None], y_te.astype(np.int64),
+                         validation=validation_fraction, train_fraction=train_fraction, exclude=exclude_classes,
+                         seed=seed, augment=RandomShift(2) if augment else None, views=views, input_shape=(1, 40))
 
 
 @DATASETS.register("synthetic")
 def synthetic(num_classes: int = 4, input_shape: tuple[int, ...] = (3, 8, 8), train_size: int = 256,
-              test_size: int = 128, noise: float = 1.0, seed: int = 0) -> DataBundle:
-    """Random class templates plus Gaussian noise: tiny, learnable data for tests and smoke runs."""
+              test_size: int = 128, noise: float = 1.0, seed: int = 0, validation_size: int = 0) -> DataBundle:
+    """Random class templates plus Gaussian noise: tiny, learnable data for tests and smoke runs
+    (with `validation_size` more samples as a validation set)."""
     g = torch.Generator().manual_seed(seed)
     templates = torch.randn((num_classes, *input_shape), generator=g)
 
@@ -229,15 +262,12 @@ def synthetic(num_classes: int = 4, input_shape: tuple[int, ...] = (3, 8, 8), tr
         y = y[torch.randperm(n, generator=g)]
         return templates[y] + noise * torch.randn((n, *input_shape), generator=g), y
 
-    return DataBundle(
-        ArrayDataset(*sample(train_size)),
-        ArrayDataset(*sample(test_size)),
-        num_classes=num_classes,
-        input_shape=tuple(input_shape),
-    )
+    train, test = ArrayDataset(*sample(train_size)), ArrayDataset(*sample(test_size))
+    return DataBundle(train, test, num_classes=num_classes, input_shape=tuple(input_shape),
+                      val=ArrayDataset(*sample(validation_size)) if validation_size else None)
 
 
-def _cifar(kind: str, root: str, augment: bool) -> DataBundle:
+def _cifar(kind: str, root: str, augment: bool, validation: float) -> DataBundle:
     import torchvision
     from torchvision import transforms as T
 
@@ -254,25 +284,44 @@ def _cifar(kind: str, root: str, augment: bool) -> DataBundle:
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
     train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []) + normalize)
     train = cls(root, train=True, download=False, transform=train_tf)
-    train.replayable_views = None if augment else 1  # torchvision's random transforms cannot be replayed
     test = cls(root, train=False, download=False, transform=T.Compose(normalize))
-    return DataBundle(train, test, num_classes=len(train.classes), input_shape=(3, 32, 32), class_names=list(train.classes))
+    plain = cls(root, train=True, download=False, transform=T.Compose(normalize))
+    return _held_out(train, plain, test, validation, augment, input_shape=(3, 32, 32))
+
+
+def _held_out(train: Any, plain: Any, test: Dataset, validation: float, augment: bool,
+              input_shape: tuple[int, ...]) -> DataBundle:
+    """A bundle of torchvision datasets, with a stratified validation split of the training
+    set read through `plain` (the training set without augmentation)."""
+    from torch.utils.data import Subset
+
+    _check_validation(validation)
+    classes = list(train.classes)
+    train_index, val_index = validation_indices(train.targets, validation, 0)
+    if len(val_index):
+        targets = train.targets
+        train = Subset(train, train_index.tolist())
+        train.targets = [targets[i] for i in train_index]
+    train.replayable_views = None if augment else 1  # torchvision's random transforms cannot be replayed
+    val = Subset(plain, val_index.tolist()) if len(val_index) else None
+    return DataBundle(train, test, num_classes=len(classes), input_shape=input_shape, class_names=classes, val=val)
 
 
 @DATASETS.register("cifar10")
-def cifar10(root: str = "data", augment: bool = True) -> DataBundle:
+def cifar10(root: str = "data", augment: bool = True, validation_fraction: float = 0.0) -> DataBundle:
     """CIFAR-10 from a local folder (random crop with 4-pixel padding and horizontal flips)."""
-    return _cifar("cifar10", root, augment)
+    return _cifar("cifar10", root, augment, validation_fraction)
 
 
 @DATASETS.register("cifar100")
-def cifar100(root: str = "data", augment: bool = True) -> DataBundle:
+def cifar100(root: str = "data", augment: bool = True, validation_fraction: float = 0.0) -> DataBundle:
     """CIFAR-100 from a local folder (the distillation benchmark's augmentation)."""
-    return _cifar("cifar100", root, augment)
+    return _cifar("cifar100", root, augment, validation_fraction)
 
 
 @DATASETS.register("imagenet")
-def imagenet(root: str = "data/imagenet", augment: bool = True, image_size: int = 224) -> DataBundle:
+def imagenet(root: str = "data/imagenet", augment: bool = True, image_size: int = 224,
+             validation_fraction: float = 0.0) -> DataBundle:
     """ImageNet-1k from a local folder with `train/` and `val/` class folders (ImageFolder layout):
     random-resized crops and flips for training, resize + center crop for validation."""
     import torchvision
@@ -290,10 +339,9 @@ def imagenet(root: str = "data/imagenet", augment: bool = True, image_size: int 
                           else [T.Resize(int(image_size * 8 / 7)), T.CenterCrop(image_size)]) + normalize)
     val_tf = T.Compose([T.Resize(int(image_size * 8 / 7)), T.CenterCrop(image_size), *normalize])
     train = torchvision.datasets.ImageFolder(str(folders[0]), train_tf)
-    train.replayable_views = None if augment else 1
     test = torchvision.datasets.ImageFolder(str(folders[1]), val_tf)
-    return DataBundle(train, test, num_classes=len(train.classes), input_shape=(3, image_size, image_size),
-                      class_names=list(train.classes))
+    plain = torchvision.datasets.ImageFolder(str(folders[0]), val_tf)
+    return _held_out(train, plain, test, validation_fraction, augment, input_shape=(3, image_size, image_size))
 
 
 #: (classes, input shape) of datasets that live on disk, for `--smoke` runs that replace them.
@@ -307,7 +355,7 @@ def build_data(name: str, args: dict | None = None) -> DataBundle:
 
 def make_loaders(train_set: Dataset, test_set: Dataset, data: DataConfig, seed: int) -> tuple[DataLoader, DataLoader]:
     """Training loader (shuffled by a seeded permutation per epoch, full batches only, this
-    rank's shard) and an ordered test loader (this rank's shard, nothing repeated)."""
+    rank's shard) and an ordered test loader (see `eval_loader`)."""
     world = distributed.world_size()
     drop_last = len(train_set) >= data.batch_size * world
     views = getattr(train_set, "views", None) or 1
@@ -315,6 +363,10 @@ def make_loaders(train_set: Dataset, test_set: Dataset, data: DataConfig, seed: 
                        sampler=distributed.ShardedSampler(len(train_set), shuffle=True, seed=seed, drop_last=drop_last,
                                                           views=views),
                        drop_last=drop_last, persistent_workers=data.num_workers > 0)
-    test = DataLoader(test_set, batch_size=data.eval_batch_size, num_workers=data.num_workers,
-                      sampler=distributed.ShardedSampler(len(test_set), shuffle=False, drop_last=False))
-    return train, test
+    return train, eval_loader(test_set, data)
+
+
+def eval_loader(dataset: Dataset, data: DataConfig) -> DataLoader:
+    """An ordered loader for evaluation: this rank's shard, nothing repeated."""
+    return DataLoader(dataset, batch_size=data.eval_batch_size, num_workers=data.num_workers,
+                      sampler=distributed.ShardedSampler(len(dataset), shuffle=False, drop_last=False))

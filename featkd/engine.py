@@ -56,7 +56,9 @@ class NonFiniteLoss(FeatkdError):
 
 @dataclass
 class StageResult:
-    """How one trained model did; `best_acc` is the best epoch's, `last_acc` the final one's."""
+    """How one trained model did on the test set: `last_acc` after the final epoch, `best_acc`
+    at the best epoch, chosen by validation top-1 when the data has a validation split (else by
+    test top-1, which is optimistic); `val_acc` and `best_val_acc` are validation top-1."""
 
     stage: str
     best_acc: float
@@ -66,6 +68,8 @@ class StageResult:
     seconds: float
     checkpoint: str | None = None
     skipped_steps: int = 0
+    val_acc: float | None = None
+    best_val_acc: float | None = None
 
 
 @dataclass
@@ -130,6 +134,8 @@ class LoopState:
     best_acc: float = -1.0
     best_epoch: int = 0
     last_acc: float = float("nan")
+    val_acc: float | None = None  # validation top-1 of the last epoch, with a validation split
+    best_val_acc: float | None = None
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # this epoch's running sums of the logged values
     counted: int = 0  # micro-batches in `sums` (skipped ones are not)
     epoch_rng: dict[str, Any] | None = None  # random state at the start of this epoch
@@ -160,6 +166,7 @@ class LoopState:
             "model": {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")},
             "distiller": {k: v for k, v in state.items() if not k.startswith("student.")},
             "best_acc": self.best_acc, "best_epoch": self.best_epoch, "last_acc": self.last_acc,
+            "val_acc": self.val_acc, "best_val_acc": self.best_val_acc,
             "sums": {k: v.detach().cpu() for k, v in self.sums.items()} if batch else {}, "counted": self.counted,
             "epoch_rng": self.epoch_rng if batch else None, "rng": rng_state(),
             "metrics": {"acc": self.last_acc, "best_acc": self.best_acc, "best_epoch": self.best_epoch},
@@ -172,7 +179,7 @@ class LoopState:
         step.load_state_dict(payload)
         mid_epoch = payload["batch"] > 0
         state = cls(payload["epoch"], payload["batch"], payload["skipped"], payload["best_acc"],
-                    payload["best_epoch"], payload["last_acc"])
+                    payload["best_epoch"], payload["last_acc"], payload.get("val_acc"), payload.get("best_val_acc"))
         if mid_epoch:
             state.sums = {k: v.to(device) for k, v in payload["sums"].items()}
             state.counted, state.epoch_rng = payload["counted"], payload["epoch_rng"]
@@ -198,9 +205,11 @@ def fit(
     logger: Logger,
     resume: dict[str, Any] | None = None,
     stop: StopRequest = NO_STOP,
+    val_loader: DataLoader | None = None,
 ) -> StageResult:
     """Train `objective` for `settings.train.epochs` epochs, evaluating its student after
-    each; `resume` is a checkpoint of this stage to continue from."""
+    each (on the validation set too, if given: it then chooses the best epoch); `resume` is a
+    checkpoint of this stage to continue from."""
     cfg = settings.train
     batches = len(train_loader)
     step = TrainStep(objective, cfg, settings.precision, device, math.ceil(batches / cfg.accumulate),
@@ -219,19 +228,22 @@ def fit(
                        "time/train_s": time.perf_counter() - epoch_start}
             if loop.skipped:
                 metrics["train/skipped_steps"] = loop.skipped
-            improved = settings.evaluate_student and evaluate_epoch(objective.student, test_loader, device, settings,
-                                                                    loop, metrics)
+            improved = settings.evaluate_student and evaluate_epoch(objective.student, test_loader, val_loader,
+                                                                    device, settings, loop, metrics)
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             loop.epoch = epoch
             state = loop.checkpoint(objective, step, 0, settings.record | {"stage": settings.name})
             write_checkpoint(settings, "last", state)  # the checkpoint first, then the log line that it covers
             if improved:
                 write_checkpoint(settings, "best", state)
+            if epoch in cfg.keep_epochs:
+                write_checkpoint(settings, f"epoch{epoch}", state)
             logger.log(metrics, step.steps)
             progress.epoch_line(epoch, metrics)
     last = settings.checkpoints.get("last")
     return StageResult(settings.name, loop.best_acc, loop.best_epoch, loop.last_acc, cfg.epochs,
-                       time.perf_counter() - started, str(last) if last else None, loop.skipped)
+                       time.perf_counter() - started, str(last) if last else None, loop.skipped, loop.val_acc,
+                       loop.best_val_acc)
 
 
 def train_epoch(objective: Any, loader: DataLoader, step: TrainStep, loop: LoopState, settings: StageSettings,
@@ -275,22 +287,36 @@ def train_epoch(objective: Any, loader: DataLoader, step: TrainStep, loop: LoopS
                               settings.checkpoints.get("last"))
 
 
-def evaluate_epoch(student: Any, loader: DataLoader, device: torch.device, settings: StageSettings,
-                   loop: LoopState, metrics: dict[str, Any]) -> bool:
-    """Evaluate the student into `metrics` and the loop's best; True if it improved."""
-    result = evaluate(student, loader, device, settings.precision, channels_last=settings.channels_last)
-    loop.last_acc = result["acc"]
-    improved = loop.last_acc > loop.best_acc
+def evaluate_epoch(student: Any, test_loader: DataLoader, val_loader: DataLoader | None, device: torch.device,
+                   settings: StageSettings, loop: LoopState, metrics: dict[str, Any]) -> bool:
+    """Evaluate the student into `metrics` and the loop's best; True if the epoch is the best
+    so far, by validation top-1 when there is a validation set, else by test top-1."""
+    test = evaluate(student, test_loader, device, settings.precision, channels_last=settings.channels_last)
+    loop.last_acc = test["acc"]
+    metrics.update({"test/acc": test["acc"], "test/loss": test["loss"]})
+    if val_loader is not None:
+        val = evaluate(student, val_loader, device, settings.precision, channels_last=settings.channels_last)
+        loop.val_acc = val["acc"]
+        metrics.update({"val/acc": val["acc"], "val/loss": val["loss"]})
+        improved = loop.best_val_acc is None or val["acc"] > loop.best_val_acc
+        if improved:
+            loop.best_val_acc = val["acc"]
+        metrics["val/best_acc"] = loop.best_val_acc
+    else:
+        improved = test["acc"] > loop.best_acc
     if improved:
-        loop.best_acc, loop.best_epoch = loop.last_acc, metrics["epoch"]
-    metrics.update({"test/acc": loop.last_acc, "test/loss": result["loss"], "test/best_acc": loop.best_acc})
+        loop.best_acc, loop.best_epoch = test["acc"], metrics["epoch"]
+    metrics["test/best_acc"] = loop.best_acc
     return improved
 
 
 def write_checkpoint(settings: StageSettings, kind: str, state: dict[str, Any]) -> None:
-    """Rank 0 writes the stage's `kind` ("last", "best") checkpoint; every rank waits for it."""
-    if kind in settings.checkpoints and distributed.rank() == 0:
-        save_checkpoint(settings.checkpoints[kind], state)
+    """Rank 0 writes the stage's `kind` checkpoint ("last", "best", or "epoch<N>" beside
+    "last": `<stage>-epoch<N>.pt`); every rank waits for it."""
+    last = settings.checkpoints.get("last")
+    path = settings.checkpoints.get(kind) or (last.with_name(last.name.replace("last", kind)) if last else None)
+    if path is not None and distributed.rank() == 0:
+        save_checkpoint(path, state)
     distributed.barrier()
 
 

@@ -31,12 +31,15 @@ def unpack(batch: Any, device: torch.device, channels_last: bool = False
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
-             reference: nn.Module | None = None, channels_last: bool = False) -> dict[str, float]:
+             reference: nn.Module | None = None, channels_last: bool = False,
+             keep_predictions: bool = False) -> dict[str, Any]:
     """Top-1 accuracy (%) and mean cross-entropy on `loader`, summed over all ranks; with
-    `reference`, also the % of samples where both models predict the same class."""
+    `reference`, also the % of samples where both models predict the same class. With
+    `keep_predictions`, "predictions" and "targets" hold every sample's class, in dataset order."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # correct, total, loss sum, agree
+    predictions, targets = [], []
     try:
         for batch in loader:
             x, y, _ = unpack(batch, device, channels_last)
@@ -49,12 +52,30 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
             counts[2] += nn.functional.cross_entropy(logits, y, reduction="sum")
             if other is not None:
                 counts[3] += (pred == other).sum()
+            if keep_predictions:
+                predictions.append(pred)
+                targets.append(y)
     finally:
         model.train(was_training)
     distributed.all_reduce_sum(counts)
     total = max(1.0, counts[1].item())
-    return {"acc": 100.0 * counts[0].item() / total, "loss": counts[2].item() / total,
-            "agreement": 100.0 * counts[3].item() / total}
+    result: dict[str, Any] = {"acc": 100.0 * counts[0].item() / total, "loss": counts[2].item() / total,
+                              "agreement": 100.0 * counts[3].item() / total}
+    if keep_predictions:
+        result["predictions"], result["targets"] = _in_dataset_order(loader, torch.cat(predictions), torch.cat(targets))
+    return result
+
+
+def _in_dataset_order(loader: DataLoader, *values: torch.Tensor) -> list[torch.Tensor]:
+    """Per-sample values of this rank's shard, gathered from every rank and put in dataset order."""
+    index = torch.as_tensor(list(iter(loader.sampler)), device=values[0].device)
+    index = distributed.gather_rows(index)
+    out = []
+    for value in values:
+        full = torch.empty(int(index.max()) + 1 if len(index) else 0, dtype=value.dtype, device=value.device)
+        full[index] = distributed.gather_rows(value)
+        out.append(full.cpu())
+    return out
 
 
 @torch.no_grad()

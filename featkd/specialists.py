@@ -1,10 +1,13 @@
 """Specialist models (Hinton, Vinyals & Dean 2015, section 5).
 
 A generalist model is trained on all classes. Classes it confuses are grouped into clusters
-by k-means on the columns of the covariance matrix of its predicted distributions. Each
-specialist starts from the generalist's weights with a new output layer over its cluster's
-classes plus one "dustbin" class for everything else, and trains on data in which half the
-examples come from its cluster. At inference, for each input:
+by k-means on the columns of the covariance matrix of its predicted distributions, with the
+diagonal left out: a class's own variance would otherwise dominate its column and set apart
+the classes it is surest of. Each specialist starts from the generalist's weights with a new
+output layer over its cluster's classes plus one "dustbin" class for everything else, and
+trains on data in which half the examples come from its cluster; its dustbin logit is then
+raised by the log of the odds by which its classes were oversampled (the paper's correction
+for the biased training set). At inference, for each input:
 
 1. take the `top_n` most probable classes under the generalist, k;
 2. the active specialists are those whose cluster meets k;
@@ -22,6 +25,7 @@ all of this in its forward pass and returns log q, so it can teach a single stud
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -37,16 +41,27 @@ from featkd.runtime import seed_everything
 
 def confusion_clusters(probs: torch.Tensor, num_clusters: int, seed: int = 0) -> list[list[int]]:
     """Groups of classes the model confuses: k-means on the columns of the covariance of its
-    predicted distributions (probs: N x C). Clusters of a single class are dropped."""
+    predicted distributions (probs: N x C), diagonal zeroed, so that classes predicted together
+    with the same classes fall together. A class left alone joins the cluster whose centre is
+    nearest its column, so every cluster has two classes or more."""
     from sklearn.cluster import KMeans
 
     num_classes = probs.shape[1]
-    if not 1 <= num_clusters < num_classes:
-        raise ConfigError(f"specialists: clusters must be between 1 and {num_classes - 1}, got {num_clusters}.")
+    if not 1 <= num_clusters <= num_classes // 2:
+        raise ConfigError(f"specialists: clusters must be between 1 and {num_classes // 2} (two classes or more "
+                          f"each), got {num_clusters}.")
     covariance = np.cov(probs.double().cpu().numpy(), rowvar=False)
-    labels = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit_predict(covariance)
+    np.fill_diagonal(covariance, 0.0)
+    kmeans = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit(covariance)
+    labels = kmeans.labels_.copy()
+    for label in range(num_clusters):
+        members = np.flatnonzero(labels == label)
+        if len(members) == 1:
+            distances = ((kmeans.cluster_centers_ - covariance[members[0]]) ** 2).sum(1)
+            distances[label] = np.inf
+            labels[members[0]] = int(distances.argmin())
     clusters = [sorted(int(c) for c in np.flatnonzero(labels == k)) for k in range(num_clusters)]
-    return [c for c in clusters if len(c) > 1]
+    return sorted(c for c in clusters if c)
 
 
 def last_linear(model: nn.Module) -> str:
@@ -100,6 +115,11 @@ class SpecialtySampler(Sampler[int]):
         self.fraction, self.seed, self.epoch = fraction, seed, 0
         self.size = len(in_specialty)
 
+    @property
+    def fraction_inside(self) -> float:
+        """The share of each epoch drawn from the specialty."""
+        return round(self.size * self.fraction) / self.size if len(self.outside) else 1.0
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -108,7 +128,7 @@ class SpecialtySampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        n_in = int(round(self.size * self.fraction)) if len(self.outside) else self.size
+        n_in = round(self.size * self.fraction_inside)
         picks = [self.inside[torch.randint(len(self.inside), (n_in,), generator=g)]]
         if len(self.outside):
             picks.append(self.outside[torch.randint(len(self.outside), (self.size - n_in,), generator=g)])
@@ -179,7 +199,8 @@ def train_specialists(generalist: nn.Module, train_set: Dataset, test_set: Datas
                       batch_size: int, eval_batch_size: int, seed: int, device: torch.device,
                       fit: FitSpecialist, name: str = "specialists") -> SpecialistEnsemble:
     """Cluster the classes `generalist` confuses on `train_set`, train a specialist for each
-    cluster with `fit` (named `<name>-<m>`), and return their ensemble with the generalist.
+    cluster with `fit` (named `<name>-<m>`), correct its dustbin for the oversampling, and
+    return their ensemble with the generalist.
 
     `settings` is a `SpecialistsConfig` (clusters, top_n, specialty_fraction, iterations).
     """
@@ -190,12 +211,29 @@ def train_specialists(generalist: nn.Module, train_set: Dataset, test_set: Datas
     for m, cluster in enumerate(clusters):
         expert = specialist_from(generalist, cluster)
         relabelled = SpecialistLabels(train_set, cluster, num_classes)
-        sampler = SpecialtySampler(relabelled.targets < len(cluster), settings.specialty_fraction, seed + m)
+        in_specialty = relabelled.targets < len(cluster)
+        sampler = SpecialtySampler(in_specialty, settings.specialty_fraction, seed + m)
         loader = DataLoader(relabelled, batch_size=batch_size, sampler=sampler, drop_last=True)
         test_loader = DataLoader(SpecialistLabels(test_set, cluster, num_classes), batch_size=eval_batch_size)
         fit(f"{name}-{m}", expert, cluster, loader, test_loader)
+        correct_dustbin(expert, float(in_specialty.float().mean()), sampler.fraction_inside)
         experts.append(expert)
     return SpecialistEnsemble(generalist, experts, clusters, settings.top_n, settings.iterations).to(device)
+
+
+def dustbin_correction(share_in_data: float, share_in_training: float) -> float:
+    """log of the odds by which a specialist's classes were oversampled in its training data:
+    what its dustbin logit must gain for its outputs to follow the data's class frequencies."""
+    if not 0 < share_in_data < 1 or not 0 < share_in_training < 1:
+        return 0.0
+    return math.log((share_in_training / share_in_data) / ((1 - share_in_training) / (1 - share_in_data)))
+
+
+@torch.no_grad()
+def correct_dustbin(expert: nn.Module, share_in_data: float, share_in_training: float) -> None:
+    """Raise the specialist's dustbin logit (its output layer's last bias) by `dustbin_correction`."""
+    head = expert.get_submodule(last_linear(expert))
+    head.bias[-1] += dustbin_correction(share_in_data, share_in_training)
 
 
 def load_specialists(payload: dict[str, Any], generalist: nn.Module, settings: Any,

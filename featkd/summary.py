@@ -12,9 +12,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from featkd import distributed
 from featkd.engine import StageResult
 from featkd.evaluation import evaluate, multiply_adds
 from featkd.models import count_parameters
+
+
+#: the final student's predicted class for every test sample, with the labels
+PREDICTIONS = "predictions.pt"
 
 
 @dataclass
@@ -45,19 +50,26 @@ def measure(run_dir: Path, results: dict[str, StageResult], final: str, student:
             device: torch.device, precision: str = "fp32", channels_last: bool = False) -> RunResult:
     """The outcome of a run whose final stage `final` trained `student` from `teachers`
     ((model name, model) pairs): top-1 of each on the test set, agreement with the first teacher,
-    parameters and multiply-adds."""
-    teacher_acc, agreement = [], None
+    parameters and multiply-adds. The student's test predictions go to `predictions.pt`
+    (for paired comparisons of runs on the same test set)."""
     models = [model for _, model in teachers]
-    for i, teacher in enumerate(models):
-        result = evaluate(student, test_loader, device, precision, reference=teacher, channels_last=channels_last)
-        teacher_acc.append(evaluate(teacher, test_loader, device, precision, channels_last=channels_last)["acc"])
-        if i == 0:
-            agreement = result["agreement"]
+    first = models[0] if models else None
+    tested = evaluate(student, test_loader, device, precision, reference=first, channels_last=channels_last,
+                      keep_predictions=True)
+    if distributed.rank() == 0:
+        torch.save({"predictions": tested["predictions"], "targets": tested["targets"]}, run_dir / PREDICTIONS)
+    teacher_acc = [evaluate(t, test_loader, device, precision, channels_last=channels_last)["acc"] for t in models]
     return RunResult(
-        run_dir, results[final], dict(results), teacher_acc, agreement,
+        run_dir, results[final], dict(results), teacher_acc, tested["agreement"] if first is not None else None,
         count_parameters(student), [count_parameters(t) for t in models],
         multiply_adds(student, input_shape, device), [multiply_adds(t, input_shape, device) for t in models],
         [name for name, _ in teachers])
+
+
+def test_correct(run_dir: str | Path) -> torch.Tensor:
+    """Which test samples the run's final student classifies correctly (from `predictions.pt`)."""
+    saved = torch.load(Path(run_dir) / PREDICTIONS)
+    return saved["predictions"] == saved["targets"]
 
 
 def summary_lines(result: RunResult) -> list[str]:

@@ -13,8 +13,6 @@ best-epoch top-1, each labelled. Values are YAML (`1`, `adam`, `[8,16]`); separa
 from __future__ import annotations
 
 import csv
-import itertools
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from featkd.compare import RunRow, _mean_std, new_folder, run_grid
+from featkd.compare import RunRow, _mean_std, new_folder, run_grid, setting_label, setting_override, settings_of
 from featkd.config import Config, load_config
 from featkd.errors import ConfigError
 
@@ -43,19 +41,6 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"--grid {item!r}: a value is not valid YAML ({exc}).") from None
     return grid
-
-
-def _override(key: str, value: Any) -> str:
-    return f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
-
-
-def settings_of(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    axes = {k: v for k, v in grid.items() if k != "seed"}
-    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]
-
-
-def _label(setting: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in setting.items()) or "base"
 
 
 @dataclass
@@ -103,9 +88,9 @@ def plan_sweep(config_path: str | Path, grid: dict[str, list[Any]], overrides: l
     seeds = [int(s) for s in grid.get("seed", [base.seed])]
     configs = {}
     for setting in settings_of(grid):
-        label = _label(setting)
+        label = setting_label(setting)
         try:
-            configs[label] = load_config(config_path, [*overrides, *(_override(k, v) for k, v in setting.items())])
+            configs[label] = load_config(config_path, [*overrides, *(setting_override(k, v) for k, v in setting.items())])
         except ConfigError as exc:
             raise ConfigError(f"sweep setting {label!r}: {exc}") from None
     return configs, seeds
@@ -123,7 +108,7 @@ def run_sweep(config_path: str | Path, grid: dict[str, list[Any]], overrides: li
     keys = [k for k in grid if k != "seed"]
     rows = []
     for setting in settings_of(grid):
-        mine = [r for r in runs if r.variant == _label(setting)]
+        mine = [r for r in runs if r.variant == setting_label(setting)]
         last = _mean_std([r.last_acc for r in mine])
         best = _mean_std([r.best_acc for r in mine])
         rows.append(SweepRow(setting, *last, *best, len(mine)))

@@ -28,7 +28,7 @@ from featkd import distributed, stage_cache
 from featkd import specialists as sp
 from featkd.checkpoint import load_checkpoint, save_checkpoint
 from featkd.config import Config, DataConfig, ModelConfig, TrainConfig
-from featkd.data import DataBundle, build_data, make_loaders
+from featkd.data import DataBundle, build_data, eval_loader, make_loaders
 from featkd.distiller import Distiller, Term
 from featkd.engine import StageResult, StageSettings, StopRequest, fit, restore_weights
 from featkd.errors import CheckpointError, ConfigError
@@ -102,6 +102,7 @@ class Run:
             for model in self.models.values():
                 model.to(memory_format=torch.channels_last)
         self.results: dict[str, StageResult] = {}
+        self.final_outcome: RunResult | None = None  # measured when the final stage is trained in this process
 
     def data(self, spec: DataConfig) -> DataBundle:
         """The dataset of a data config, built once; a stage's own data must fit the models."""
@@ -136,7 +137,7 @@ class Run:
     def run(self) -> RunResult:
         for index, stage in enumerate(self.plan.stages):
             self.results[stage.name] = self.run_stage(index, stage)
-        outcome = self.outcome()
+        outcome = self.final_outcome or self.outcome()
         self.folder.write_summary({**outcome.values(), "stages": {k: asdict(v) for k, v in self.results.items()}})
         return outcome
 
@@ -184,6 +185,7 @@ class Run:
                     module.compile(backend=backend)
             train_loader, test_loader = make_loaders(distiller.prepare_data(bundle.train), bundle.test, stage.data,
                                                      stage.seed)
+            val_loader = eval_loader(bundle.val, stage.data) if bundle.val is not None else None
             main = self.folder.state.get(stage.name)
             resume = None
             if main.get("status") == "running" and Path(main.get("checkpoint", "")).is_file():
@@ -191,19 +193,20 @@ class Run:
                 self.folder.trim_metrics(stage.name, resume["step"])
             else:
                 for term_name, _ in distiller.pretrain_stages():
-                    self.run_pretraining(stage, distiller, term_name, train_loader, test_loader, spec)
+                    self.run_pretraining(stage, distiller, term_name, train_loader, test_loader, val_loader, spec)
             self.folder.state.update(stage.name, status="running",
                                      checkpoint=str(self.folder.checkpoints(stage.name, stage.final)["last"]))
             logger = self.folder.logger(stage.name, final=stage.final)
             try:
                 result = fit(distiller, train_loader, test_loader, self.settings(stage.name, stage.train, stage.final,
                                                                                   spec), device, logger, resume=resume,
-                             stop=self.stop)
+                             stop=self.stop, val_loader=val_loader)
                 self.results[stage.name] = result
                 summary = {"best_acc": result.best_acc, "best_epoch": result.best_epoch,
                            "last_acc": result.last_acc, "params": count_parameters(model)}
                 if stage.final:
-                    summary.update(self.outcome().values())
+                    self.final_outcome = self.outcome()
+                    summary.update(self.final_outcome.values())
                 logger.summary(summary)
             finally:
                 logger.finish()
@@ -214,7 +217,7 @@ class Run:
         return result
 
     def run_pretraining(self, stage: StagePlan, distiller: Distiller, term_name: str, train_loader: DataLoader,
-                        test_loader: DataLoader, spec: ModelConfig) -> None:
+                        test_loader: DataLoader, val_loader: DataLoader | None, spec: ModelConfig) -> None:
         """The pre-training stage of one of the stage's methods, logged as its own stage."""
         objective = distiller.pretraining(term_name)
         name = stage.pretrain_name(term_name)
@@ -240,7 +243,7 @@ class Run:
             trains = objective.stage.trains
             result = fit(objective, train_loader, test_loader,
                          self.settings(name, train_cfg, spec=spec, evaluate_student="student" in trains),
-                         self.device, logger, resume=resume, stop=self.stop)
+                         self.device, logger, resume=resume, stop=self.stop, val_loader=val_loader)
             logger.summary({"epochs": epochs, "trains": list(trains)})
         finally:
             logger.finish()

@@ -185,3 +185,32 @@ def test_results_name_each_variants_teacher_when_the_variants_compare_teachers(t
     assert "Teacher of small: cnn_small top-1 97.50% (last epoch)." in differ
     assert "Teacher of large: cnn_large top-1 99.00% (last epoch)." in differ
     assert "Teacher cnn_large:" not in differ
+
+
+def test_each_difference_comes_with_an_interval_over_seeds_and_test_images(tmp_path):
+    path = write_spec(tmp_path, {"alone": ALONE, "KD": {}})
+    result = run_comparison(path, [f"output_dir={tmp_path}", *FAST], progress=False)
+    kd = next(s for s in result.summaries if s.variant == "KD")
+    assert kd.interval.difference == pytest.approx(kd.delta_last)
+    assert kd.interval.low <= kd.delta_last <= kd.interval.high
+    assert "[95% CI]" in (result.folder / "results.md").read_text()
+    assert all((Path(r.run_dir) / "predictions.pt").is_file() for r in result.rows)
+
+
+def test_select_chooses_each_variants_setting_on_the_validation_split(tmp_path):
+    select = {"grid": {"train.optimizer.lr": [0.0001, 0.1]}, "seeds": [5]}
+    path = write_spec(tmp_path, {"alone": ALONE, "KD": {}}, select=select)
+    held_out = ["data.args.validation_fraction=0.2", "train.epochs=2"]
+    result = run_comparison(path, [f"output_dir={tmp_path}", *FAST, *held_out], progress=False)
+    assert sorted((r.variant, r.seed) for r in result.selection) == [
+        ("KD @ train.optimizer.lr=0.0001", 5), ("KD @ train.optimizer.lr=0.1", 5),
+        ("alone @ train.optimizer.lr=0.0001", 5), ("alone @ train.optimizer.lr=0.1", 5)]
+    for variant in ("alone", "KD"):
+        scores = {r.variant: r.val_acc for r in result.selection if r.variant.startswith(variant + " @")}
+        best = max(scores, key=scores.get).split("=")[-1]
+        assert result.chosen[variant] == {"train.optimizer.lr": float(best)}
+        run = next(Path(r.run_dir) for r in result.rows if r.variant == variant)
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["optimizer"]["lr"] == float(best)
+    assert "chosen on the validation split" in (result.folder / "results.md").read_text()
+    with pytest.raises(ConfigError, match="no validation split"):
+        run_comparison(path, [f"output_dir={tmp_path / 'none'}", *FAST], progress=False)

@@ -112,3 +112,16 @@ def test_synthetic_data_and_missing_cifar_folder(tmp_path):
 def test_registries_hold_the_documented_entries():
     assert {"digits", "mnist1d", "synthetic", "cifar10", "cifar100"} <= set(DATASETS.names())
     assert {"cnn", "cnn_tiny", "cnn_small", "cnn_large", "mlp"} <= set(MODELS.names())
+
+
+def test_a_validation_split_is_held_out_of_the_training_images_only():
+    whole = build_data("digits", {"augment": False})
+    split = build_data("digits", {"augment": False, "validation_fraction": 0.2})
+    assert (len(split.train), len(split.val), len(split.test)) == (1149, 288, 360)
+    assert torch.equal(split.test.targets, whole.test.targets)
+    assert (torch.bincount(split.val.targets) - torch.bincount(whole.train.targets) * 0.2).abs().max() <= 1  # stratified
+    small = build_data("digits", {"augment": True, "validation_fraction": 0.2, "train_fraction": 0.05})
+    assert len(small.train) == 57 and small.val.augment is None and small.train.augment is not None
+    assert build_data("digits").val is None
+    with pytest.raises(DataError, match="validation_fraction"):
+        build_data("digits", {"validation_fraction": 1.0})

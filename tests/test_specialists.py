@@ -1,6 +1,7 @@
 """Specialists (Hinton et al. 2015, section 5): clusters, training data, the combination, the stage."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -117,3 +118,38 @@ def test_specialist_stages_are_validated(tmp_path, override, message):
     path.write_text(SPECIALISTS)
     with pytest.raises(ConfigError, match=message):
         load_config(path, [override])
+
+
+def test_clusters_follow_confusions_not_how_sure_the_generalist_is():
+    # ten classes: 1, 4 and 9 confused with each other, 2 with 5, 3 with 8; 0, 6 and 7 easy. With the
+    # variances on the diagonal, the easy classes would stand apart and the confusions merge.
+    torch.manual_seed(0)
+    groups = [[1, 4, 9], [2, 5], [3, 8], [0], [6], [7]]
+    rows = []
+    for _ in range(2000):
+        group = groups[int(torch.randint(len(groups), ()))]
+        p = torch.full((10,), 0.002)
+        share = torch.distributions.Dirichlet(torch.ones(len(group))).sample() if len(group) > 1 else torch.ones(1)
+        p[group] = 0.98 * share
+        rows.append(p / p.sum())
+    clusters = sp.confusion_clusters(torch.stack(rows), 3)
+    for group in groups[:3]:
+        assert any(set(group) <= set(c) for c in clusters), (group, clusters)
+    assert all(len(c) >= 2 for c in clusters)
+    with pytest.raises(ConfigError, match="between 1 and 5"):
+        sp.confusion_clusters(torch.stack(rows), 6)
+
+
+def test_the_dustbin_correction_gives_the_posterior_under_the_data_frequencies():
+    # a specialist trained where its classes are half the data, though they are 30% of it
+    logits = torch.tensor([1.0, 0.3, 0.5])  # two specialty classes, then the dustbin
+    trained = torch.softmax(logits, 0)
+    shift = sp.dustbin_correction(share_in_data=0.3, share_in_training=0.5)
+    assert shift == pytest.approx(math.log(7 / 3))
+    corrected = torch.softmax(logits + torch.tensor([0.0, 0.0, shift]), 0)
+    reweighted = trained * torch.tensor([0.3 / 0.5, 0.3 / 0.5, 0.7 / 0.5])  # Bayes: the data's priors
+    torch.testing.assert_close(corrected, reweighted / reweighted.sum())
+    expert = nn.Sequential(nn.Linear(4, 3))
+    before = expert[0].bias.clone()
+    sp.correct_dustbin(expert, 0.3, 0.5)
+    torch.testing.assert_close(expert[0].bias - before, torch.tensor([0.0, 0.0, shift]))

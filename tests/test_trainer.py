@@ -200,3 +200,26 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
                                          "model_name": "cnn_tiny"})
     with pytest.raises(CheckpointError, match="saved from 'cnn_tiny'"):
         load_model_checkpoint(build_model("cnn_large", 10, (1, 8, 8)), tmp_path / "t.pt", "cnn_large")
+
+
+def test_with_a_validation_split_the_best_epoch_is_chosen_on_it(tmp_path):
+    result = train(load_config("configs/quickstart.yaml", [
+        f"output_dir={tmp_path}", "logger=none", "progress=false", "teacher=null", "loss.kd=null",
+        "loss.ce.weight=1", "train.epochs=4", "data.args.validation_fraction=0.2"]))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val/acc"] for r in records]
+    best = val.index(max(val))
+    assert result.student.best_epoch == records[best]["epoch"]
+    assert result.student.best_acc == pytest.approx(records[best]["test/acc"])
+    assert result.student.val_acc == pytest.approx(val[-1]) and result.student.best_val_acc == pytest.approx(max(val))
+    best_checkpoint = load_checkpoint(result.run_dir / "checkpoints" / "best.pt")
+    assert best_checkpoint["epoch"] == records[best]["epoch"]
+
+
+def test_checkpoints_of_chosen_epochs_are_kept(tmp_path):
+    result = train(load_config("configs/quickstart.yaml", [
+        f"output_dir={tmp_path}", "logger=none", "progress=false", "teacher.train.epochs=2", "teacher.cache=false",
+        "teacher.train.keep_epochs=[1]", "train.epochs=3", "train.keep_epochs=[2]"]))
+    folder = result.run_dir / "checkpoints"
+    assert load_checkpoint(folder / "epoch2.pt")["epoch"] == 2 and load_checkpoint(folder / "last.pt")["epoch"] == 3
+    assert load_checkpoint(folder / "teacher-epoch1.pt")["epoch"] == 1
