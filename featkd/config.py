@@ -400,9 +400,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
 def smoke_config(config: Config, output_dir: str | None = None) -> Config:
     """A tiny version of a config, to check it end to end in seconds on a CPU: every dataset
     becomes 16 synthetic samples of the same classes and input shape (ImageNet-sized inputs
-    shrink to 64x64), every stage runs one epoch, checkpoints and pretrained files to load are
-    dropped (the models train briefly instead), nothing is logged, and steps whose loss is not
-    finite are skipped (a smoke run checks the wiring, on noise, not the numbers)."""
+    shrink to 64x64; a validation split stays, of 8 samples), every stage runs one epoch,
+    checkpoints and pretrained files to load are dropped (the models train briefly instead),
+    nothing is logged, and steps whose loss is not finite are skipped (a smoke run checks the
+    wiring, on noise, not the numbers)."""
     from featkd.data import SHAPES, build_data
 
     data = config.to_dict()
@@ -414,8 +415,9 @@ def smoke_config(config: Config, output_dir: str | None = None) -> Config:
             bundle = build_data(section["name"], section.get("args"))
             classes, shape = bundle.num_classes, bundle.input_shape
         shape = [shape[0], *(min(s, 64) for s in shape[1:])]
+        held_out = {"validation_size": 8} if (section.get("args") or {}).get("validation_fraction") else {}
         return {**section, "name": "synthetic", "batch_size": 8, "eval_batch_size": 8, "num_workers": 0,
-                "args": {"num_classes": classes, "input_shape": shape, "train_size": 16, "test_size": 8}}
+                "args": {"num_classes": classes, "input_shape": shape, "train_size": 16, "test_size": 8, **held_out}}
 
     def short(train: dict[str, Any]) -> dict[str, Any]:
         return {**train, "epochs": 1}

@@ -1,21 +1,23 @@
 """What the claims share: running a comparison, judging a claim, writing its results.
 
-A claim is judged on last-epoch top-1 over seeds (mean and sample standard deviation):
-held when the claimed improvement exceeds the pooled standard deviation, not held when the
-opposite difference does, and inconclusive (within noise) otherwise.
+A claim is judged on last-epoch test top-1 by the difference between two arms, with a 95%
+percentile-bootstrap interval over seeds (paired by seed where the arms ran the same seeds)
+and test samples (`featkd.stats`): **held** when the interval excludes zero in the claimed
+direction, **not held** when it excludes the claimed effect (no gain, or the opposite),
+**inconclusive** otherwise.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from featkd.compare import ComparisonResult, run_comparison
+from featkd.compare import ComparisonResult, RunRow, difference, run_comparison
 from featkd.config import Config, load_config, smoke_config
+from featkd.stats import Interval, verdict
 
 ROOT = Path(__file__).resolve().parent
 RESULTS_START, RESULTS_END = "<!-- results -->", "<!-- /results -->"
@@ -30,7 +32,7 @@ def output_dir(claim: str) -> str:
     return str(Path(OUTPUT_ROOT) / claim)
 
 
-def seeds(default: Sequence[int] = (0, 1, 2)) -> list[int]:
+def seeds(default: Sequence[int] = (0, 1, 2, 3, 4)) -> list[int]:
     return list(default)[:1] if SMOKE else list(default)
 
 
@@ -50,20 +52,26 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def verdict(better: Sequence[float], than: Sequence[float]) -> str:
-    """Whether `better` beats `than` beyond the noise of the seeds."""
-    (a, sa), (b, sb) = mean_std(better), mean_std(than)
-    noise = math.sqrt((sa**2 + sb**2) / 2)
-    diff = a - b
-    if diff > noise and diff > 0:
-        return "held"
-    if diff < -noise and diff < 0:
-        return "not held"
-    return "inconclusive (within noise)"
+def rows_of(result: ComparisonResult | Sequence[RunRow], variant: str) -> list[RunRow]:
+    rows = result.rows if isinstance(result, ComparisonResult) else result
+    return [r for r in rows if r.variant == variant]
 
 
-def last_accuracies(result: ComparisonResult, variant: str) -> list[float]:
-    return [r.last_acc for r in result.rows if r.variant == variant]
+def judge(result: ComparisonResult | Sequence[RunRow], a: str, b: str, claim: str = "better",
+          margin: float = 0.0) -> tuple[str, Interval]:
+    """The verdict on "`a` beats `b`" (or "is no better by `margin` points") and its interval."""
+    interval = difference(rows_of(result, a), rows_of(result, b))
+    return verdict(interval, claim, margin), interval
+
+
+def said(outcome: tuple[str, Interval]) -> str:
+    """A verdict with its interval, as the results tables write it."""
+    label, interval = outcome
+    return f"**{label}** (Δ {interval} points)"
+
+
+def last_accuracies(result: ComparisonResult | Sequence[RunRow], variant: str) -> list[float]:
+    return [r.last_acc for r in rows_of(result, variant)]
 
 
 def fmt(values: Sequence[float]) -> str:

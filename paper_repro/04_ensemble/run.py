@@ -32,12 +32,12 @@ def main() -> dict:
     one = common.last_accuracies(result, "one teacher")
     many = common.last_accuracies(result, "ensemble of 5 teachers")
     acc, count = ensemble_accuracy(Path(next(r.run_dir for r in result.rows if r.variant == "ensemble of 5 teachers")))
-    verdict = common.verdict(many, one)
+    outcome = common.judge(result, "ensemble of 5 teachers", "one teacher")
     markdown = (result.markdown() + f"\n\nThe {count} teachers' averaged prediction scores {acc:.2f}% top-1 on the "
-                f"test set. Verdict (distilling the ensemble beats distilling one teacher, last epoch): **{verdict}** "
-                f"({common.fmt(many)} vs {common.fmt(one)}).")
+                f"test set. Verdict (distilling the ensemble beats distilling one teacher, last epoch): "
+                f"{common.said(outcome)}; {common.fmt(many)} vs {common.fmt(one)}.")
     summary = {"claim": "a student distilled from an ensemble beats one distilled from a single teacher",
-               "paper": "Hinton et al. 2015, §1 and §5", "verdict": verdict, "one": common.fmt(one),
-               "ensemble": common.fmt(many)}
+               "paper": "Hinton et al. 2015, §1 and §5", "verdict": outcome[0], "interval": str(outcome[1]),
+               "one": common.fmt(one), "ensemble": common.fmt(many)}
     common.write(FOLDER, markdown, summary)
     return summary

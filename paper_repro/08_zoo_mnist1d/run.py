@@ -11,35 +11,32 @@ LOGIT_METHODS = {"KD", "logit MSE", "DKD", "DIST"}
 
 def main() -> dict:
     result = common.compare(FOLDER)
-    alone = common.last_accuracies(result, BASELINE)
     ranked = sorted(result.summaries, key=lambda s: s.last_mean, reverse=True)
-    verdicts = {s.variant: common.verdict(common.last_accuracies(result, s.variant), alone)
-                for s in ranked if s.variant != BASELINE}
-    lines = [result.markdown(), "", "Ranked by last-epoch top-1 (verdict: beats the student alone beyond the noise?):", "",
-             "| rank | method | top-1 last | beats the student alone? |", "|---|---|---|---|"]
+    against_alone = {s.variant: common.judge(result, s.variant, BASELINE) for s in ranked if s.variant != BASELINE}
+    lines = [result.markdown(), "", "Ranked by last-epoch top-1 (verdict: beats the student alone? Δ with its 95% "
+             "interval):", "", "| rank | method | top-1 last | beats the student alone? |", "|---|---|---|---|"]
     for rank, s in enumerate(ranked, 1):
-        lines.append(f"| {rank} | {s.variant} | {s.last_mean:.2f} ± {s.last_std:.2f} | {verdicts.get(s.variant, '—')} |")
-    held = sorted(v for v, verdict in verdicts.items() if verdict == "held")
-    lost = sorted(v for v, verdict in verdicts.items() if verdict == "not held")
-    lines += ["", f"{len(held)} of {len(verdicts)} methods beat the student alone beyond the noise"
+        outcome = against_alone.get(s.variant)
+        lines.append(f"| {rank} | {s.variant} | {s.last_mean:.2f} ± {s.last_std:.2f} | "
+                     f"{f'{outcome[0]} ({outcome[1]})' if outcome else '—'} |")
+    held = sorted(v for v, (label, _) in against_alone.items() if label == "held")
+    lost = sorted(v for v, (label, _) in against_alone.items() if label == "not held")
+    lines += ["", f"{len(held)} of {len(against_alone)} methods beat the student alone"
               + (f" ({', '.join(held)})" if held else "") + "; "
-              + (f"{len(lost)} did worse ({', '.join(lost)})." if lost else "none did worse."),
+              + (f"{len(lost)} did not ({', '.join(lost)})." if lost else "none is shown not to."),
               f"Run time: {result.seconds / 60:.1f} min for {len(result.rows)} runs."]
     # the CRD paper's claim: CRD beats every other feature and relation method
-    rivals = [s for s in ranked if s.variant not in LOGIT_METHODS | {BASELINE, "CRD"}]
-    crd = common.last_accuracies(result, "CRD")
-    against = {s.variant: common.verdict(crd, common.last_accuracies(result, s.variant)) for s in rivals}
-    if all(v == "held" for v in against.values()):
-        verdict = "held"
-    elif any(v == "not held" for v in against.values()):
-        verdict = "not held"
-    else:
-        verdict = "inconclusive (within noise)"
-    beaten_by = [name for name, v in against.items() if v == "not held"]
-    lines += ["", f"Verdict (CRD beats each other feature and relation method, last epoch): **{verdict}**"
-              + (f"; {', '.join(beaten_by)} beat CRD beyond the noise." if beaten_by else ".")]
+    rivals = [s.variant for s in ranked if s.variant not in LOGIT_METHODS | {BASELINE, "CRD"}]
+    against = {rival: common.judge(result, "CRD", rival) for rival in rivals}
+    labels = [label for label, _ in against.values()]
+    verdict = "held" if all(v == "held" for v in labels) else "not held" if "not held" in labels else "inconclusive"
+    lines += ["", "CRD against each other feature and relation method (Δ = CRD - method, 95% interval):", "",
+              "| method | Δ | CRD better? |", "|---|---|---|"]
+    lines += [f"| {rival} | {interval} | {label} |" for rival, (label, interval) in against.items()]
+    lines += ["", f"Verdict (CRD beats each other feature and relation method, last epoch): **{verdict}**."]
     summary = {"claim": "CRD beats the other feature and relation methods",
                "paper": "Tian et al. 2020 (CRD), Table 1", "verdict": verdict,
-               "ranking": [s.variant for s in ranked], "held": held, "worse": lost}
+               "interval": {rival: str(interval) for rival, (_, interval) in against.items()},
+               "ranking": [s.variant for s in ranked], "held": held, "not_held": lost}
     common.write(FOLDER, "\n".join(lines), summary)
     return summary
