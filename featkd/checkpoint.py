@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, read safely (`weights_only=True`), checked for origin.
 
 A crash or a full disk during a save leaves the previous file in place: the new file is
-written next to it under a temporary name, flushed to disk, then renamed over it.
+written next to it under a temporary name, flushed to disk, then renamed over it; the next
+save of the same file removes what a killed writer left.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write `payload` (tensors, numbers, strings, lists, dicts) to `path` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

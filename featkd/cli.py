@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -201,7 +202,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+        shape = tuple(int(s) for s in re.split(r"[,x]", text.strip()))
     except ValueError:
         shape = ()
     if not shape or min(shape) < 1:
@@ -275,7 +276,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from featkd.config import dump_yaml, load_config
 
-    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    from featkd.trainer import check
+
+    config = load_config(args.config, args.overrides)
+    check(config)  # what `featkd train` checks before it starts
+    print(dump_yaml(config), end="")
     return 0
 
 

@@ -25,7 +25,8 @@ before the compared runs (the data must hold one out, e.g. `validation_fraction:
       seeds: [100, 101]              # the selection runs' seeds (default [0])
 
 Each variant runs every grid point with those seeds and keeps the point of highest mean
-last-epoch validation top-1 (the first of equals); the table says what each variant chose.
+last-epoch validation top-1 (the first of equals; never a point under which a run diverged);
+the table says what each variant chose.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import os
 import re
 import statistics
@@ -49,6 +51,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from featkd.config import Config, apply_overrides, deep_merge, find_config, read_yaml, smoke_config, validate
+from featkd.engine import NonFiniteLoss
 from featkd.errors import ConfigError
 from featkd.stats import Interval, bootstrap_difference
 from featkd.summary import test_correct
@@ -87,6 +90,7 @@ class RunRow:
     seconds: float
     run_dir: str
     val_acc: float | None = None  # validation top-1 of the last epoch, with a validation split
+    diverged: bool = False  # stopped by a non-finite loss (selection runs only; accuracies are nan)
 
 
 @dataclass
@@ -259,16 +263,24 @@ def select(configs: dict[str, Config], selection: Selection, folder: Path, progr
             except ConfigError as exc:
                 raise ConfigError(f"select: variant {name!r} at {setting_label(point)}: {exc}") from None
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [row for row, _ in run_grid(grid, selection.seeds[:1] if smoke else selection.seeds, folder, progress, jobs)]
-    if any(r.val_acc is None for r in rows):
+    seeds = selection.seeds[:1] if smoke else selection.seeds
+    rows = [row for row, _ in run_grid(grid, seeds, folder, progress, jobs, tolerate_divergence=True)]
+    if any(r.val_acc is None and not r.diverged for r in rows):
         raise ConfigError("select: the runs have no validation split to choose on; hold one out of the training "
                           "data (e.g. data.args.validation_fraction: 0.2).")
     chosen = {}
     for name in configs:
-        scores = [statistics.fmean(r.val_acc for r in rows if r.variant == f"{name} @ {setting_label(p)}")
-                  for p in points]
+        scores = [selection_score([r for r in rows if r.variant == f"{name} @ {setting_label(p)}"]) for p in points]
+        if max(scores) == -math.inf:
+            raise ConfigError(f"select: variant {name!r} diverged at every setting of the grid; widen the grid.")
         chosen[name] = points[scores.index(max(scores))]
     return chosen, rows
+
+
+def selection_score(runs: list[RunRow]) -> float:
+    """A setting's mean last-epoch validation top-1 over its seeds; a setting under which a run
+    diverged (stopped on a non-finite loss) is never chosen."""
+    return -math.inf if any(r.diverged for r in runs) else statistics.fmean(r.val_acc for r in runs)
 
 
 def new_folder(output_dir: str, name: str) -> Path:
@@ -282,24 +294,31 @@ def new_folder(output_dir: str, name: str) -> Path:
     return folder
 
 
-def _run_one(config_data: dict[str, Any], run_dir: str, threads: int | None) -> dict[str, Any]:
+def _run_one(config_data: dict[str, Any], run_dir: str, threads: int | None,
+             tolerate_divergence: bool = False) -> dict[str, Any]:
     """One run in this process (or a worker process); plain data out, so it crosses processes."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    result = train(validate(config_data), Path(run_dir), verbose=False)
+    try:
+        result = train(validate(config_data), Path(run_dir), verbose=False)
+    except NonFiniteLoss as exc:
+        if not tolerate_divergence:
+            raise
+        return {"diverged": str(exc)}
     return {"student": asdict(result.student), "teacher_acc": result.teacher_acc,
             "teacher_models": result.teacher_models}
 
 
 def run_grid(configs: dict[str, Config], seeds: Sequence[int], folder: Path, progress: bool = True,
-             jobs: int = 1) -> list[tuple[RunRow, dict[str, Any]]]:
+             jobs: int = 1, tolerate_divergence: bool = False) -> list[tuple[RunRow, dict[str, Any]]]:
     """Train every (variant, seed), seed-major so a partial run still covers every variant.
 
     Each run is named after its variant and grouped in W&B under the folder's name. With
     `jobs` > 1, runs go to that many worker processes, sharing the CPU cores between them;
-    stages they share (teachers) are trained once, the others wait for the cache.
+    stages they share (teachers) are trained once, the others wait for the cache. With
+    `tolerate_divergence`, a run stopped by a non-finite loss is recorded as diverged.
     """
     tasks = []
     for seed in seeds:
@@ -318,6 +337,12 @@ def run_grid(configs: dict[str, Config], seeds: Sequence[int], folder: Path, pro
 
     def record(index: int, outcome: dict[str, Any]) -> None:
         name, seed, _, run_dir = tasks[index]
+        if "diverged" in outcome:
+            row = RunRow(name, seed, math.nan, math.nan, 0, 0.0, run_dir, diverged=True)
+            results[index] = (row, {**outcome, "teacher_acc": [], "teacher_models": []})
+            if progress:
+                print(f"[{len(results)}/{len(tasks)}] {name} seed {seed}: diverged (a non-finite loss)", flush=True)
+            return
         s = outcome["student"]
         row = RunRow(name, seed, s["last_acc"], s["best_acc"], s["best_epoch"], s["seconds"], run_dir, s.get("val_acc"))
         results[index] = (row, outcome)
@@ -327,14 +352,14 @@ def run_grid(configs: dict[str, Config], seeds: Sequence[int], folder: Path, pro
 
     if jobs <= 1:
         for index, (_, _, data, run_dir) in enumerate(tasks):
-            record(index, _run_one(data, run_dir, None))
+            record(index, _run_one(data, run_dir, None, tolerate_divergence))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_one, data, run_dir, threads): index
+            futures = {pool.submit(_run_one, data, run_dir, threads, tolerate_divergence): index
                        for index, (_, _, data, run_dir) in enumerate(tasks)}
             for future in as_completed(futures):
                 record(futures[future], future.result())
@@ -424,8 +449,8 @@ def selection_markdown(result: ComparisonResult) -> str:
     for variant, chosen in result.chosen.items():
         cells = []
         for point in result.points:
-            mine = [r.val_acc for r in result.selection if r.variant == f"{variant} @ {setting_label(point)}"]
-            cell = f"{statistics.fmean(mine):.2f}"
+            score = selection_score([r for r in result.selection if r.variant == f"{variant} @ {setting_label(point)}"])
+            cell = "diverged" if score == -math.inf else f"{score:.2f}"
             cells.append(f"**{cell}**" if point == chosen else cell)
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -80,7 +80,7 @@ class DataConfig(_Strict):
 
 class TrainConfig(_Strict):
     """How one model is trained: epochs, optimizer, schedule, clipping, accumulation; the
-    checkpoints of the epochs in `keep_epochs` are kept (`<stage>-epoch<N>.pt`, or `epoch<N>.pt`
+    checkpoints of the epochs in `checkpoint_epochs` are kept (`<stage>-epoch<N>.pt`, or `epoch<N>.pt`
     for the final stage), e.g. for an early-stopped teacher."""
 
     epochs: PositiveInt = 30
@@ -88,7 +88,7 @@ class TrainConfig(_Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     grad_clip: float | None = Field(default=None, gt=0)
     accumulate: PositiveInt = 1
-    keep_epochs: list[PositiveInt] = Field(default_factory=list)
+    checkpoint_epochs: list[PositiveInt] = Field(default_factory=list)
 
 
 class ModelConfig(_Strict):
@@ -321,6 +321,8 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path.name}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{str(path)!r} is not a text file; a config is YAML (e.g. configs/quickstart.yaml).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name}: a config is a mapping of keys, got {type(data).__name__}.")
     bases = data.pop("base", None) or []
@@ -656,6 +658,25 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """`config` with the files and folders it names (output_dir, checkpoints and pretrained
+    weights to load, data roots) as absolute paths, so that it means the same from any folder."""
+    data = config.to_dict()
+
+    def absolute(section: dict[str, Any] | None, *keys: str) -> None:
+        for key in keys:
+            if section and isinstance(section.get(key), str):
+                section[key] = str(Path(section[key]).expanduser().resolve())
+
+    absolute(data, "output_dir")
+    for model in [*(data.get("teacher") or []), data.get("student"), *(data.get("models") or {}).values()]:
+        absolute(model, "checkpoint", "pretrained")
+    for section in [data.get("data"), *(t.get("data") for t in data.get("teacher") or []),
+                    *(s.get("data") for s in data.get("stages") or [])]:
+        absolute((section or {}).get("args"), "root")
+    return Config.model_validate(data)
 
 
 def dump_yaml(config: Config) -> str:

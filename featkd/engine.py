@@ -232,11 +232,12 @@ def fit(
                                                                     device, settings, loop, metrics)
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             loop.epoch = epoch
-            state = loop.checkpoint(objective, step, 0, settings.record | {"stage": settings.name})
-            write_checkpoint(settings, "last", state)  # the checkpoint first, then the log line that it covers
+            # the checkpoint first, with the log line it covers (a resume writes it if a kill came between)
+            state = loop.checkpoint(objective, step, 0, settings.record | {"stage": settings.name, "logged": metrics})
+            write_checkpoint(settings, "last", state)
             if improved:
                 write_checkpoint(settings, "best", state)
-            if epoch in cfg.keep_epochs:
+            if epoch in cfg.checkpoint_epochs:
                 write_checkpoint(settings, f"epoch{epoch}", state)
             logger.log(metrics, step.steps)
             progress.epoch_line(epoch, metrics)

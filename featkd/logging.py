@@ -58,11 +58,16 @@ class JsonlLogger:
 
 
 class WandbLogger:
-    """A W&B run; `mode="offline"` writes it under the run folder for `wandb sync` later."""
+    """A W&B run; `mode="offline"` writes it under the run folder for `wandb sync` later.
+
+    Resuming (`resume_id`) continues the same W&B run; the rows of `history` (metrics.jsonl's
+    rows of this stage, up to the checkpoint resumed from) that W&B's files lack, because a
+    killed process never wrote them, are logged again first, in step order.
+    """
 
     def __init__(self, run_dir: Path, name: str, config: dict[str, Any], *, project: str, entity: str | None,
                  group: str | None, job_type: str | None, tags: list[str], mode: str,
-                 resume_id: str | None = None) -> None:
+                 resume_id: str | None = None, history: list[dict[str, Any]] = ()) -> None:
         import wandb
 
         resume: dict[str, Any] = {"id": resume_id, "resume": "allow"} if resume_id else {}
@@ -80,6 +85,16 @@ class WandbLogger:
             reinit="finish_previous",
             settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False),
         )
+        if resume_id and history:
+            self._log_missing(run_dir, history)
+
+    def _log_missing(self, run_dir: Path, history: list[dict[str, Any]]) -> None:
+        from featkd.wandb_files import logged_steps
+
+        logged = logged_steps(run_dir, self.run_id)
+        for row in sorted(history, key=lambda r: r["step"]):
+            if row["step"] not in logged:
+                self.log({k: v for k, v in row.items() if k not in ("stage", "step", "time")}, row["step"])
 
     @property
     def run_id(self) -> str | None:
@@ -121,8 +136,9 @@ class MultiLogger:
 
 
 def make_logger(settings: Any, run_dir: Path, stage: str, name: str, flat_config: dict[str, Any],
-                resume_id: str | None = None, final: bool = True) -> Logger:
-    """The loggers for one stage of a run, from the config's `logger:` section.
+                resume_id: str | None = None, final: bool = True, history: list[dict[str, Any]] = ()) -> Logger:
+    """The loggers for one stage of a run, from the config's `logger:` section; a resumed
+    stage's W&B run gets the `history` it lacks (see `WandbLogger`).
 
     Under a W&B sweep agent (WANDB_SWEEP_ID set) only the final stage is a W&B run: the agent
     expects one run per trial.
@@ -135,7 +151,7 @@ def make_logger(settings: Any, run_dir: Path, stage: str, name: str, flat_config
         loggers.append(WandbLogger(
             run_dir, name, flat_config, project=settings.project, entity=settings.entity,
             group=settings.group, job_type=settings.job_type or stage, tags=list(settings.tags),
-            mode=settings.mode, resume_id=resume_id,
+            mode=settings.mode, resume_id=resume_id, history=list(history),
         ))
     return MultiLogger(*loggers)
 

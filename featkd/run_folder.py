@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from featkd import distributed
-from featkd.config import Config, dump_yaml, flatten, load_config
-from featkd.errors import ConfigError
-from featkd.logging import Logger, make_logger
+from featkd.checkpoint import load_checkpoint
+from featkd.config import Config, dump_yaml, flatten, load_config, with_absolute_paths
+from featkd.errors import CheckpointError, ConfigError
+from featkd.logging import JsonlLogger, Logger, make_logger
 
 
 class RunState:
@@ -44,7 +46,12 @@ class RunState:
 
 
 class RunFolder:
-    """The folder of one run: paths, stage state, the metrics log and per-stage loggers."""
+    """The folder of one run: paths, stage state, the metrics log and per-stage loggers.
+
+    A run folder describes itself: state.json names checkpoints relative to the folder, the
+    saved config names files by absolute path, and a stage taken from the stage cache is kept
+    in the folder too, so a run resumes from any working directory and after the folder moves.
+    """
 
     def __init__(self, path: Path, config: Config) -> None:
         self.path, self.config = Path(path), config
@@ -62,9 +69,60 @@ class RunFolder:
                 n += 1
                 path = base.with_name(f"{base.name}-{n}")
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.yaml").write_text(dump_yaml(config))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.yaml").write_text(dump_yaml(with_absolute_paths(config)))
+        except OSError as exc:
+            raise ConfigError(f"output_dir: cannot create the run folder {str(path)!r} ({exc.strerror or exc}). "
+                              "Set output_dir to a folder you can write to.") from None
         return path
+
+    def relative(self, path: Path) -> str:
+        """How state.json names a file: relative to the folder when inside it."""
+        path = Path(path)
+        try:
+            return str(path.resolve().relative_to(self.path.resolve()))
+        except ValueError:
+            return str(path.resolve())
+
+    def resolve(self, name: str) -> Path:
+        """The file state.json names, wherever the folder is now."""
+        return self.path / name if not Path(name).is_absolute() else Path(name)
+
+    def keep(self, source: Path, target: Path) -> Path:
+        """A copy of `source` at `target` in the folder (a hard link where the file system allows)."""
+        if distributed.rank() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+        distributed.barrier()
+        return target
+
+    def resume_point(self, stage: str) -> dict[str, Any] | None:
+        """The checkpoint a stage that was running continues from (its later log lines are
+        dropped), or None to train it from the start, which is only right if it never
+        finished an epoch: a stage that logged epochs but lost its checkpoint is an error."""
+        record = self.state.get(stage)
+        if record.get("status") != "running":
+            return None
+        checkpoint = self.resolve(record.get("checkpoint", ""))
+        if record.get("checkpoint") and checkpoint.is_file():
+            payload = load_checkpoint(checkpoint)
+            self.trim_metrics(stage, payload["step"])
+            covered = payload.get("logged")
+            if covered and distributed.rank() == 0 and not any(row.get("step") == payload["step"]
+                                                                for row in self.metrics(stage)):
+                JsonlLogger(self.path, stage).log(covered, payload["step"])  # killed between checkpoint and log
+            return payload
+        if self.metrics(stage):
+            raise CheckpointError(
+                f"stage {stage!r} of {str(self.path)!r} logged epochs, but its checkpoint {str(checkpoint)!r} is "
+                "missing, so it cannot continue where it stopped. Restore the file, or start a new run."
+            )
+        return None
 
     @property
     def name(self) -> str:
@@ -79,12 +137,19 @@ class RunFolder:
         """The stage's loggers (metrics.jsonl, and W&B as configured), continuing the stage's
         W&B run if it has one."""
         settings = self.config.logger.model_copy(update={"group": self.config.logger.group or self.name})
+        resume_id = self.state.get(stage).get("wandb_id")
         logger = make_logger(settings, self.path, stage, f"{self.name}/{stage}", flatten(self.config.to_dict()),
-                             resume_id=self.state.get(stage).get("wandb_id"), final=final)
+                             resume_id=resume_id, final=final, history=self.metrics(stage) if resume_id else [])
         run_id = getattr(logger, "run_id", None)
         if run_id:
             self.state.update(stage, wandb_id=run_id)
         return logger
+
+    def metrics(self, stage: str) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl that `stage` logged."""
+        path = self.path / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return [row for row in rows if row.get("stage") == stage]
 
     def trim_metrics(self, stage: str, step: int) -> None:
         """On resume, drop log lines of `stage` past the checkpoint the run continues from."""
@@ -112,7 +177,7 @@ def resume_config(run_dir: str | Path, config: Config | None = None) -> Config:
         raise ConfigError(f"--resume {str(run_dir)!r}: not a featkd run folder (no config.yaml and state.json).")
     saved = load_config(run_dir / "config.yaml")
     if config is not None:
-        ours, theirs = flatten(saved.to_dict()), flatten(config.to_dict())
+        ours, theirs = (flatten(with_absolute_paths(c).to_dict()) for c in (saved, config))
         differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k != "progress")
         if differ:
             raise ConfigError(

@@ -7,6 +7,7 @@ way the user wrote them: `student=` in Python, `loss.at.student` in a config.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,9 @@ class Term:
 
     def _check(self) -> None:
         cls, source = type(self.module), self.source
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ConfigError(f"{source.value('weight', self.weight)} is not a weight: a term's weight is a finite "
+                              "number >= 0 (0 keeps the term out of distillation).")
         if cls.reads_features and not (self.student and self.teacher):
             raise ConfigError(
                 f"{source.subject}: {self.loss!r} compares features; {source.setting('student', 'teacher')} "

@@ -31,7 +31,7 @@ from featkd.config import Config, DataConfig, ModelConfig, TrainConfig
 from featkd.data import DataBundle, build_data, eval_loader, make_loaders
 from featkd.distiller import Distiller, Term
 from featkd.engine import StageResult, StageSettings, StopRequest, fit, restore_weights
-from featkd.errors import CheckpointError, ConfigError
+from featkd.errors import CheckpointError, ConfigError, FeatkdError
 from featkd.evaluation import evaluate
 from featkd.models import build_model, count_parameters, frozen
 from featkd.run_folder import RunFolder
@@ -41,7 +41,7 @@ from featkd.summary import RunResult, measure
 from featkd.teacher_cache import TeacherCacheSettings
 from featkd.terms import terms_from
 
-__all__ = ["RunResult", "build_models", "load_model_checkpoint", "train"]
+__all__ = ["RunResult", "build_models", "check", "load_model_checkpoint", "train"]
 
 
 # -- models --------------------------------------------------------------------------------
@@ -89,11 +89,13 @@ def model_record(spec: ModelConfig, bundle: DataBundle) -> dict[str, Any]:
 
 
 class Run:
-    """One run of a config: its folder, data, models and stages."""
+    """One run of a config: its data, models and stages, then (`run`) its folder and training."""
 
-    def __init__(self, config: Config, run_dir: Path, device: torch.device, verbose: bool, stop: StopRequest) -> None:
-        self.config, self.device, self.verbose, self.stop = config, device, verbose, stop
-        self.folder = RunFolder(run_dir, config)
+    folder: RunFolder
+    stop: StopRequest
+
+    def __init__(self, config: Config, device: torch.device, verbose: bool = True) -> None:
+        self.config, self.device, self.verbose = config, device, verbose
         self._bundles: dict[str, DataBundle] = {}
         self.bundle = self.data(config.data)
         self.plan: Plan = plan_stages(config)
@@ -134,7 +136,31 @@ class Run:
             record=record, progress=self.config.progress, epoch_lines=self.verbose,
             channels_last=self.config.channels_last)
 
-    def run(self) -> RunResult:
+    def check(self) -> None:
+        """Set up every stage on the untrained models, with a batch of its data, so that a
+        wrong feature name, shape or data option stops the run before anything trains."""
+        for stage in self.plan.stages:
+            if stage.specialists is not None or any(t not in self.models for t in stage.teachers):
+                continue  # specialists, and what learns from their ensemble: built by their stage
+            bundle = self.data(stage.data)
+            cache = self.config.teacher_cache
+            try:
+                with Distiller([self.models[k] for k in stage.teachers] or None, self.models[stage.model],
+                               terms_from(stage.terms, stage.loss_key, stage.teacher_hint), self.example(stage),
+                               TeacherCacheSettings(cache.dtype, list(cache.features))
+                               if cache.enabled and stage.teachers else None) as distiller:
+                    distiller.prepare_data(bundle.train)
+            except FeatkdError as exc:
+                raise ConfigError(f"stage {stage.name!r}: {exc}") from None
+
+    def example(self, stage: StagePlan) -> torch.Tensor:
+        """One batch of the stage's training inputs, for probing shapes."""
+        bundle = self.data(stage.data)
+        return next(iter(DataLoader(bundle.train, batch_size=stage.data.batch_size)))[0].to(self.device)
+
+    def run(self, folder: RunFolder, stop: StopRequest) -> RunResult:
+        """Run every stage (those the folder's state says are done are loaded), in `folder`."""
+        self.folder, self.stop = folder, stop
         for index, stage in enumerate(self.plan.stages):
             self.results[stage.name] = self.run_stage(index, stage)
         outcome = self.final_outcome or self.outcome()
@@ -142,21 +168,25 @@ class Run:
         return outcome
 
     def run_stage(self, index: int, stage: StagePlan) -> StageResult:
-        """A stage's result: from the run's state if done, from the stage cache, or trained."""
+        """A stage's result: from the run folder if done, from the stage cache, or trained (and
+        then cached, if the stage is cacheable: also when a resumed run finishes it)."""
         if stage.specialists is not None:
             return self.run_specialists(stage)
         model = self.models[stage.model]
         record = self.folder.state.get(stage.name)
         if record.get("status") in ("done", "cached"):
-            load_model_checkpoint(model, record["checkpoint"], stage.model)
+            load_model_checkpoint(model, self.folder.resolve(record["checkpoint"]), stage.model)
             return StageResult(**record["result"])
-        if not stage.cache or record.get("status") == "running":
+        if not stage.cache:
             return self.train_stage(stage)
         path = stage_cache.cache_path(self.config, self.plan, index)
         with stage_cache.claimed(path):
-            if distributed.broadcast_object(path.is_file()):
+            if record.get("status") != "running" and distributed.broadcast_object(path.is_file()):
                 result = StageResult(**load_model_checkpoint(model, path, stage.model)["result"])
-                self.folder.state.update(stage.name, status="cached", checkpoint=str(path), result=asdict(result))
+                # the run folder keeps its own copy, so that it resumes wherever it is moved
+                kept = self.folder.keep(path, self.folder.checkpoints(stage.name, stage.final)["last"])
+                self.folder.state.update(stage.name, status="cached", checkpoint=self.folder.relative(kept),
+                                         result=asdict(result))
                 if self.verbose:
                     self.say(f"{stage.name}: {self.plan.models[stage.model].model} from the cache {path} "
                              f"(top-1 {result.last_acc:.2f}%)")
@@ -173,7 +203,7 @@ class Run:
         bundle = self.data(stage.data)
         seed_everything(stage.seed)
         model.requires_grad_(True)  # it may have taught in an earlier stage, frozen
-        example = next(iter(DataLoader(bundle.train, batch_size=stage.data.batch_size)))[0].to(device)
+        example = self.example(stage)
         cache = config.teacher_cache
         cache_settings = TeacherCacheSettings(cache.dtype, list(cache.features)) if cache.enabled and teachers else None
         terms = terms_from(stage.terms, stage.loss_key, stage.teacher_hint)
@@ -186,16 +216,12 @@ class Run:
             train_loader, test_loader = make_loaders(distiller.prepare_data(bundle.train), bundle.test, stage.data,
                                                      stage.seed)
             val_loader = eval_loader(bundle.val, stage.data) if bundle.val is not None else None
-            main = self.folder.state.get(stage.name)
-            resume = None
-            if main.get("status") == "running" and Path(main.get("checkpoint", "")).is_file():
-                resume = load_checkpoint(main["checkpoint"])
-                self.folder.trim_metrics(stage.name, resume["step"])
-            else:
+            resume = self.folder.resume_point(stage.name)
+            if resume is None:
                 for term_name, _ in distiller.pretrain_stages():
                     self.run_pretraining(stage, distiller, term_name, train_loader, test_loader, val_loader, spec)
             self.folder.state.update(stage.name, status="running",
-                                     checkpoint=str(self.folder.checkpoints(stage.name, stage.final)["last"]))
+                                     checkpoint=self.folder.relative(self.folder.checkpoints(stage.name, stage.final)["last"]))
             logger = self.folder.logger(stage.name, final=stage.final)
             try:
                 result = fit(distiller, train_loader, test_loader, self.settings(stage.name, stage.train, stage.final,
@@ -233,11 +259,8 @@ class Run:
         train_cfg = TrainConfig(epochs=epochs, optimizer=settings.optimizer or stage.train.optimizer,
                                 scheduler=settings.scheduler, grad_clip=stage.train.grad_clip,
                                 accumulate=stage.train.accumulate)
-        resume = load_checkpoint(checkpoints["last"]) if record.get("status") == "running" and \
-            checkpoints["last"].is_file() else None
-        if resume is not None:
-            self.folder.trim_metrics(name, resume["step"])
-        self.folder.state.update(name, status="running")
+        resume = self.folder.resume_point(name)
+        self.folder.state.update(name, status="running", checkpoint=self.folder.relative(checkpoints["last"]))
         logger = self.folder.logger(name)
         try:
             trains = objective.stage.trains
@@ -291,8 +314,8 @@ class Run:
                              time.perf_counter() - started, str(path))
         if distributed.rank() == 0:
             save_checkpoint(path, {**ensemble.payload(), "generalist_acc": general_acc, "result": asdict(result)})
-        self.folder.state.update(stage.name, status="done", checkpoint=str(path), result=asdict(result),
-                                 clusters=ensemble.clusters, generalist_acc=general_acc)
+        self.folder.state.update(stage.name, status="done", checkpoint=self.folder.relative(path),
+                                 result=asdict(result), clusters=ensemble.clusters, generalist_acc=general_acc)
         self.say(f"{stage.name}: generalist top-1 {general_acc:.2f}%, generalist + {len(ensemble.clusters)} "
                  f"specialists {ensemble_acc:.2f}% (clusters {ensemble.clusters})")
         return result
@@ -311,21 +334,31 @@ class Run:
 def train(config: Config, run_dir: Path | str | None = None, verbose: bool = True, resume: bool = False) -> RunResult:
     """Run every stage of a validated config; return accuracies and the run folder.
 
-    With `config.progress`, a terminal shows live bars; `verbose` adds per-epoch lines where
-    there is no terminal, and notes such as a stage taken from the cache. `resume=True`
-    continues the run in `run_dir` from its last checkpoint. Under `torchrun`, each process
-    joins the process group and trains its shard.
+    Data and models are built and every stage is set up on the untrained models first, so a
+    mistake stops the run before its folder exists and anything trains. With
+    `config.progress`, a terminal shows live bars; `verbose` adds per-epoch lines where there
+    is no terminal, and notes such as a stage taken from the cache. `resume=True` continues the
+    run in `run_dir` from its last checkpoint. Under `torchrun`, each process joins the process
+    group and trains its shard.
     """
     started_group = distributed.launched_by_torchrun() and not distributed.is_distributed()
     device = distributed.setup(config.device) if distributed.launched_by_torchrun() else resolve_device(config.device)
     try:
+        run = Run(config, device, verbose)
+        run.check()
         if resume:
-            run_dir = Path(run_dir)  # type: ignore[arg-type]
-        elif distributed.rank() == 0:
-            run_dir = RunFolder.create(config, run_dir)
-        run_dir = Path(distributed.broadcast_object(str(run_dir)))
+            path = Path(run_dir)  # type: ignore[arg-type]
+        else:
+            path = Path(distributed.broadcast_object(str(RunFolder.create(config, run_dir))
+                                                     if distributed.rank() == 0 else None))
         with StopRequest() as stop:
-            return Run(config, run_dir, device, verbose, stop).run()
+            return run.run(RunFolder(path, config), stop)
     finally:
         if started_group:
             distributed.teardown()
+
+
+def check(config: Config) -> None:
+    """Everything `train` checks before it starts: the config's data, models and every stage's
+    terms, set up on the untrained models (on the CPU)."""
+    Run(config, torch.device("cpu"), verbose=False).check()

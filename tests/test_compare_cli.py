@@ -214,3 +214,13 @@ def test_select_chooses_each_variants_setting_on_the_validation_split(tmp_path):
     assert "chosen on the validation split" in (result.folder / "results.md").read_text()
     with pytest.raises(ConfigError, match="no validation split"):
         run_comparison(path, [f"output_dir={tmp_path / 'none'}", *FAST], progress=False)
+
+
+def test_a_setting_that_diverges_during_selection_is_never_chosen(tmp_path):
+    select = {"grid": {"train.optimizer.lr": [1.0e6, 0.05]}, "seeds": [5]}
+    path = write_spec(tmp_path, {"alone": ALONE}, select=select, baseline=None)
+    result = run_comparison(path, [f"output_dir={tmp_path}", "train.epochs=1", "logger=none", "progress=false",
+                                   "data.args.validation_fraction=0.2"], progress=False)
+    assert [r.diverged for r in result.selection] == [True, False]
+    assert result.chosen == {"alone": {"train.optimizer.lr": 0.05}}
+    assert "| alone | diverged | **" in (result.folder / "results.md").read_text()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,3 +106,53 @@ def test_resume_refuses_a_different_config_and_a_folder_that_is_not_a_run(tmp_pa
 
         resume_config(reference, load_config(CONFIG, [*SETTINGS, "train.epochs=7"]))
     assert main(["train", "--resume", str(tmp_path)]) == 2
+
+
+def test_a_moved_run_folder_resumes_from_any_directory_without_the_cache(tmp_path, reference):
+    proc = start(tmp_path / "here")
+    wait_for_distill(tmp_path / "here", proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    run_dir = run_dir_of(tmp_path / "here")
+    moved = tmp_path / "there" / run_dir.name
+    moved.parent.mkdir()
+    shutil.move(run_dir, moved)
+    shutil.rmtree(tmp_path / "here")  # the stage cache went with it: the folder must hold its teacher
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = subprocess.run([sys.executable, "-m", "featkd.cli", "train", "--resume", str(moved)], cwd=elsewhere,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_SILENT": "true"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(moved, reference)  # the same weights, and every epoch logged once
+
+
+def test_a_run_that_lost_its_checkpoint_says_so_instead_of_starting_over(tmp_path):
+    proc = start(tmp_path)
+    wait_for_distill(tmp_path, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    run_dir = run_dir_of(tmp_path)
+    (run_dir / "checkpoints" / "last.pt").unlink()
+    before = (run_dir / "metrics.jsonl").read_text()
+    resumed = subprocess.run([sys.executable, "-m", "featkd.cli", "train", "--resume", str(run_dir)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_SILENT": "true"})
+    assert resumed.returncode == 2 and "cannot continue where it stopped" in resumed.stderr
+    assert "Traceback" not in resumed.stderr and (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_a_teacher_killed_while_training_is_cached_once_the_resumed_run_finishes_it(tmp_path):
+    output = tmp_path / "runs"
+    teacher = ["teacher.model=cnn_small", "teacher.train.epochs=20", "train.epochs=1"]
+    proc = start(output, *teacher)
+    deadline = time.monotonic() + 120
+    while not list(output.glob("quickstart-*/metrics.jsonl")):  # the teacher has finished an epoch
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not list(output.glob("cache/*.pt"))
+    assert main(["train", "--resume", str(run_dir_of(output))]) == 0
+    assert len(list(output.glob("cache/*.pt"))) == 1
+    assert main(["train", CONFIG, f"output_dir={output}", *SETTINGS, *teacher]) == 0
+    newest = max(output.glob("quickstart-*"), key=lambda p: p.stat().st_mtime)
+    assert json.loads((newest / "state.json").read_text())["stages"]["teacher"]["status"] == "cached"

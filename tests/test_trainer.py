@@ -219,7 +219,7 @@ def test_with_a_validation_split_the_best_epoch_is_chosen_on_it(tmp_path):
 def test_checkpoints_of_chosen_epochs_are_kept(tmp_path):
     result = train(load_config("configs/quickstart.yaml", [
         f"output_dir={tmp_path}", "logger=none", "progress=false", "teacher.train.epochs=2", "teacher.cache=false",
-        "teacher.train.keep_epochs=[1]", "train.epochs=3", "train.keep_epochs=[2]"]))
+        "teacher.train.checkpoint_epochs=[1]", "train.epochs=3", "train.checkpoint_epochs=[2]"]))
     folder = result.run_dir / "checkpoints"
     assert load_checkpoint(folder / "epoch2.pt")["epoch"] == 2 and load_checkpoint(folder / "last.pt")["epoch"] == 3
     assert load_checkpoint(folder / "teacher-epoch1.pt")["epoch"] == 1

@@ -18,7 +18,7 @@ def ensemble_accuracy(run_dir: Path) -> tuple[float, int]:
     data = build_data("digits")
     probs = 0
     stages = json.loads((run_dir / "state.json").read_text())["stages"]
-    paths = [Path(v["checkpoint"]) for k, v in stages.items() if k.startswith("teacher")]
+    paths = [run_dir / v["checkpoint"] for k, v in stages.items() if k.startswith("teacher")]  # relative to the run
     for path in paths:
         payload = load_checkpoint(path)
         model = build_model(payload["model_name"], payload["num_classes"], payload["input_shape"])

@@ -35,7 +35,7 @@ def main() -> dict:
     rows, teacher_runs = [], {key: [] for key in TEACHERS}
     for seed in common.seeds():
         made = {key: run(seed, f"{key} teacher", ["teacher=null", "loss.kd=null", "loss.ce.weight=1",
-                                                  f"student={{model: {model}}}", f"train.keep_epochs=[{early}]"])
+                                                  f"student={{model: {model}}}", f"train.checkpoint_epochs=[{early}]"])
                 for key, model in TEACHERS.items()}
         for key, result in made.items():
             teacher_runs[key].append(result.run_dir)
