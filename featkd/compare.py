@@ -347,8 +347,9 @@ def run_grid(configs: dict[str, Config], seeds: Sequence[int], folder: Path, pro
         row = RunRow(name, seed, s["last_acc"], s["best_acc"], s["best_epoch"], s["seconds"], run_dir, s.get("val_acc"))
         results[index] = (row, outcome)
         if progress:
+            best = "at the epoch best on validation" if row.val_acc is not None else "best"
             print(f"[{len(results)}/{len(tasks)}] {name} seed {seed}: top-1 last {row.last_acc:.2f}% "
-                  f"best {row.best_acc:.2f}% ({row.seconds:.1f}s)", flush=True)
+                  f"{best} {row.best_acc:.2f}% ({row.seconds:.1f}s)", flush=True)
 
     if jobs <= 1:
         for index, (_, _, data, run_dir) in enumerate(tasks):

@@ -142,21 +142,21 @@ class Run:
         for stage in self.plan.stages:
             if stage.specialists is not None or any(t not in self.models for t in stage.teachers):
                 continue  # specialists, and what learns from their ensemble: built by their stage
-            bundle = self.data(stage.data)
-            cache = self.config.teacher_cache
             try:
-                with Distiller([self.models[k] for k in stage.teachers] or None, self.models[stage.model],
-                               terms_from(stage.terms, stage.loss_key, stage.teacher_hint), self.example(stage),
-                               TeacherCacheSettings(cache.dtype, list(cache.features))
-                               if cache.enabled and stage.teachers else None) as distiller:
-                    distiller.prepare_data(bundle.train)
+                with self.distiller(stage) as distiller:
+                    distiller.prepare_data(self.data(stage.data).train)
             except FeatkdError as exc:
                 raise ConfigError(f"stage {stage.name!r}: {exc}") from None
 
-    def example(self, stage: StagePlan) -> torch.Tensor:
-        """One batch of the stage's training inputs, for probing shapes."""
-        bundle = self.data(stage.data)
-        return next(iter(DataLoader(bundle.train, batch_size=stage.data.batch_size)))[0].to(self.device)
+    def distiller(self, stage: StagePlan) -> Distiller:
+        """The stage's model learning from its teachers by its terms, set up (shapes probed,
+        adapters built) on a batch of the stage's training inputs."""
+        bundle, cache = self.data(stage.data), self.config.teacher_cache
+        example = next(iter(DataLoader(bundle.train, batch_size=stage.data.batch_size)))[0].to(self.device)
+        return Distiller([self.models[k] for k in stage.teachers] or None, self.models[stage.model],
+                         terms_from(stage.terms, stage.loss_key, stage.teacher_hint), example_input=example,
+                         teacher_cache=TeacherCacheSettings(cache.dtype, list(cache.features))
+                         if cache.enabled and stage.teachers else None)
 
     def run(self, folder: RunFolder, stop: StopRequest) -> RunResult:
         """Run every stage (those the folder's state says are done are loaded), in `folder`."""
@@ -203,12 +203,7 @@ class Run:
         bundle = self.data(stage.data)
         seed_everything(stage.seed)
         model.requires_grad_(True)  # it may have taught in an earlier stage, frozen
-        example = self.example(stage)
-        cache = config.teacher_cache
-        cache_settings = TeacherCacheSettings(cache.dtype, list(cache.features)) if cache.enabled and teachers else None
-        terms = terms_from(stage.terms, stage.loss_key, stage.teacher_hint)
-        with frozen(model, stage.freeze, stage.unfreeze), \
-                Distiller(teachers or None, model, terms, example_input=example, teacher_cache=cache_settings) as distiller:
+        with frozen(model, stage.freeze, stage.unfreeze), self.distiller(stage) as distiller:
             if config.compile:  # after the hooks are in place: compiled graphs keep them
                 backend = "inductor" if config.compile is True else config.compile
                 for module in [model, *teachers]:
@@ -238,8 +233,9 @@ class Run:
                 logger.finish()
         self.folder.state.update(stage.name, status="done", result=asdict(result))
         if not stage.final:
+            best = "at the epoch best on validation" if result.val_acc is not None else "best"
             self.say(f"{stage.name}: {spec.model} trained, top-1 last {result.last_acc:.2f}% "
-                     f"(best {result.best_acc:.2f}%)")
+                     f"({best} {result.best_acc:.2f}%)")
         return result
 
     def run_pretraining(self, stage: StagePlan, distiller: Distiller, term_name: str, train_loader: DataLoader,

@@ -50,7 +50,7 @@ def teacher_checkpoint(tmp_path_factory):
 def settings(teacher: Path, out: Path, batch: int, *extra: str) -> list[str]:
     # an MLP student (no batch norm, no dropout) so that a step depends on the batch's samples only
     return [CONFIG, f"output_dir={out}", "logger=none", "progress=false", "teacher.model=cnn_small",
-            f"teacher.checkpoint={teacher}", "student=mlp", "student.args.hidden=[64]", "train.epochs=2",
+            f"teacher.checkpoint={teacher}", "student=mlp", "student.args.hidden=[64]", "train.epochs=1",
             f"data.batch_size={batch}", "data.args.augment=false", *extra]
 
 

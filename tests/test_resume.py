@@ -18,7 +18,7 @@ from featkd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "quickstart.yaml")
-SETTINGS = ["logger=none", "progress=false", "teacher.train.epochs=2", "train.epochs=5", "data.batch_size=16",
+SETTINGS = ["logger=none", "progress=false", "teacher.train.epochs=2", "train.epochs=4", "data.batch_size=16",
             "loss.at.student=layer[12]", "loss.at.teacher=layer[12]", "loss.at.weight=50"]
 
 
