@@ -124,7 +124,8 @@ class Term:
         source = self.source
         key = (source.where("type") if loss != self.name else source.subject) if source.keyed else None
         cls = _named(key, lambda: LOSSES.get(loss))
-        return cls(**check_arguments(cls, params, source.subject if source.keyed else f"loss {loss!r}"))
+        arguments = check_arguments(cls, params, source.subject if source.keyed else f"loss {loss!r}")
+        return _named(source.subject if source.keyed else None, lambda: cls(**arguments))  # ranges: the loss's own
 
     def _check(self) -> None:
         cls, source = type(self.module), self.source
