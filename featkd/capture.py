@@ -7,6 +7,24 @@ A feature name is a path from `model.named_modules()` with optional suffixes:
     relu@1            output of the second call of a module that runs several times
     relu@-1           ... of its last call
     layer*            glob: `*` stays within one path segment, `**` crosses dots
+    attn#1            element 1 of a module's tuple output (`#name`: a field of a dict or
+                      ModelOutput); without `#`, a tuple or ModelOutput gives its first tensor
+                      (a transformer layer's hidden states)
+
+On a self-attention module (one with query and key projections as children: `query`/`key`,
+`q_lin`/`k_lin` or `q_proj`/`k_proj`, and a head count), two more ports give (B, H, T, T)
+tensors computed from the captured projections, whatever attention kernel the model runs:
+
+    attn:attention    attention probabilities: softmax(q k^T / sqrt(d)) over the real keys
+                      (padding from the model's `attention_mask` input left out; causal when
+                      the module is)
+    attn:scores       the scaled dot products q k^T / sqrt(d), 0 at padded keys (TinyBERT)
+
+They hold for models that attend with the projections as they are (BERT, RoBERTa,
+DistilBERT, ViT and the built-in transformer); a model that rotates queries and keys after
+projecting them (rotary embeddings) needs `hf:` with `attn_implementation: eager` and
+`#1` on its attention module's output instead. Queries, keys and values themselves are
+the projections' outputs, captured by name like any module.
 
 Hooks are registered once, when the capture is created, and removed by `close()`; a hook
 never returns a value, so the model computes exactly what it computed before. Names with a
@@ -15,6 +33,7 @@ never returns a value, so the model computes exactly what it computed before. Na
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +44,11 @@ from torch import nn
 
 from featkd.errors import CaptureError, FeatkdError, did_you_mean
 
-_SPEC = re.compile(r"^(?P<path>[^:@]*)(?::(?P<port>in|out))?(?:@(?P<call>-?\d+))?$")
+_SPEC = re.compile(r"^(?P<path>[^:@#]*)(?::(?P<port>[a-z]+))?(?:#(?P<item>\w+))?(?:@(?P<call>-?\d+))?$")
+PORTS = ("out", "in", "attention", "scores")
+#: (query, key) child names of the self-attention modules whose attention can be computed
+ATTENTION_PROJECTIONS = (("query", "key"), ("q_lin", "k_lin"), ("q_proj", "k_proj"))
+_HEAD_COUNTS = ("num_attention_heads", "num_heads", "n_heads")
 _GLOB_CHARS = set("*?[")
 
 
@@ -45,15 +68,18 @@ class FeatureSpec:
     """One resolved feature: which module, its input or output, and which call."""
 
     module: str
-    port: str = "out"  # "in" | "out"
+    port: str = "out"  # one of PORTS
     call: int | None = None  # None: the module must run exactly once per forward
+    item: str | None = None  # element of a tuple output ("1") or field of a dict output
 
     @property
     def name(self) -> str:
         """Canonical text, used as the key of captured features."""
         text = self.module
-        if self.port == "in":
-            text += ":in"
+        if self.port != "out":
+            text += f":{self.port}"
+        if self.item is not None:
+            text += f"#{self.item}"
         if self.call is not None:
             text += f"@{self.call}"
         return text
@@ -97,9 +123,11 @@ def resolve(model: nn.Module, names: str | Sequence[str], label: str = "model") 
         if not match or not match["path"]:
             raise CaptureError(
                 f"{label}: cannot read feature name {text!r}. Write a module path such as "
-                "'layer3', 'fc:in' (a module's input) or 'relu@0' (its first call)."
+                "'layer3', 'fc:in' (a module's input), 'relu@0' (its first call) or 'attn#1' (an element of its output)."
             )
-        path, port = match["path"], match["port"] or "out"
+        path, port, item = match["path"], match["port"] or "out", match["item"]
+        if port not in PORTS:
+            raise CaptureError(f"{label}: {text!r}: unknown port {port!r}; a port is one of {', '.join(PORTS)}.")
         call = int(match["call"]) if match["call"] is not None else None
         if call is not None and call < -1:
             raise CaptureError(f"{label}: {text!r}: a call index is 0, 1, ... or -1 (the last call).")
@@ -113,16 +141,76 @@ def resolve(model: nn.Module, names: str | Sequence[str], label: str = "model") 
                     f"{label}: the pattern {path!r} matches no module.{did_you_mean(path, modules)} "
                     f"Run `featkd inspect` on the model to list names."
                 )
-            specs.extend(FeatureSpec(m, port, call) for m in matched)
+            specs.extend(FeatureSpec(m, port, call, item) for m in matched)
         elif path in known:
-            specs.append(FeatureSpec(path, port, call))
+            specs.append(FeatureSpec(path, port, call, item))
         else:
             raise CaptureError(
                 f"{label} has no module {path!r}.{did_you_mean(path, modules)} "
                 f"Run `featkd inspect` on the model to list the names it offers."
             )
+    modules_by_name = dict(inner.named_modules())
+    for spec in specs:
+        if spec.port in ATTENTION_PORTS:
+            attention_parts(modules_by_name[spec.module], spec.module, label)
     # keep order, drop repeats
     return list(dict.fromkeys(specs))
+
+
+ATTENTION_PORTS = ("attention", "scores")
+
+
+def attention_parts(module: nn.Module, path: str, label: str = "model") -> tuple[str, str, int]:
+    """(query child, key child, head count) of a self-attention module, or a CaptureError
+    saying what a module needs for its `:attention` and `:scores` ports."""
+    children = dict(module.named_children())
+    for query, key in ATTENTION_PROJECTIONS:
+        if query in children and key in children:
+            break
+    else:
+        names = " / ".join(f"{q}+{k}" for q, k in ATTENTION_PROJECTIONS)
+        raise CaptureError(
+            f"{label}: {path!r} has no query and key projections ({names}) among its children, so its "
+            "attention cannot be computed. Name the self-attention module itself (e.g. "
+            "'encoder.layer.0.attention.self'); run `featkd inspect` to list names."
+        )
+    config = getattr(module, "config", None)
+    for owner in (module, config):
+        for attribute in _HEAD_COUNTS:
+            heads = getattr(owner, attribute, None)
+            if isinstance(heads, int) and heads > 0:
+                return query, key, heads
+    raise CaptureError(f"{label}: {path!r} does not say its number of heads (an attribute "
+                       f"{' / '.join(_HEAD_COUNTS)}), so its attention cannot be computed.")
+
+
+def attention_maps(port: str, query: torch.Tensor, key: torch.Tensor, heads: int, mask: torch.Tensor | None,
+                   causal: bool) -> torch.Tensor:
+    """(B, H, T, T) attention probabilities ("attention") or scaled dot products ("scores")
+    from projections (B, T, H * d), in float32; `mask` (B, T) is True at real tokens."""
+    b, t, width = query.shape
+    q = query.float().reshape(b, t, heads, width // heads).transpose(1, 2)
+    k = key.float().reshape(b, key.shape[1], heads, width // heads).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(width // heads)
+    keep = mask[:, None, None, :].bool() if mask is not None else None
+    if causal:
+        lower = torch.ones(t, k.shape[2], dtype=torch.bool, device=scores.device).tril()
+        keep = lower if keep is None else keep & lower
+    if keep is None:
+        return scores if port == "scores" else scores.softmax(-1)
+    if port == "scores":
+        return scores.masked_fill(~keep, 0.0)
+    return scores.masked_fill(~keep, torch.finfo(scores.dtype).min).softmax(-1)
+
+
+def select_item(value: object, item: str) -> object:
+    """Element `item` of a tuple/list output (an index) or field of a dict/ModelOutput."""
+    if isinstance(value, (tuple, list)) and item.lstrip("-").isdigit():
+        index = int(item)
+        return value[index] if -len(value) <= index < len(value) else None
+    if isinstance(value, dict):
+        return value.get(item)
+    return getattr(value, item, None)
 
 
 def first_tensor(value: object) -> torch.Tensor | None:
@@ -189,12 +277,23 @@ class FeatureCapture:
         for spec in self.specs:
             by_hook.setdefault((spec.module, spec.port), []).append(spec)
         modules = dict(self._inner.named_modules())
+        #: per attention module: (query child path, key child path, heads, causal)
+        self._attention: dict[str, tuple[str, str, int, bool]] = {}
+        self._projections: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
         for (path, port), specs in by_hook.items():
             module = modules[path]
-            if port == "out":
-                self._handles.append(module.register_forward_hook(self._out_hook(path, specs)))
-            else:
+            if port == "in":
                 self._handles.append(module.register_forward_pre_hook(self._in_hook(path, specs)))
+                continue
+            if port in ATTENTION_PORTS and path not in self._attention:
+                query, key, heads = attention_parts(module, path, label)
+                self._attention[path] = (f"{path}.{query}", f"{path}.{key}", heads, bool(getattr(module, "is_causal", False)))
+                for child in (query, key):
+                    self._handles.append(getattr(module, child).register_forward_hook(self._projection_hook(f"{path}.{child}")))
+            self._handles.append(module.register_forward_hook(self._out_hook(path, port, specs)))
+        if self._attention:  # the padding mask, from the model's own `attention_mask` input
+            self._handles.append(self._inner.register_forward_pre_hook(self._mask_hook, with_kwargs=True))
 
     # -- hooks -------------------------------------------------------------------------
     def _store(self, key: tuple[str, str], specs: list[FeatureSpec], value: object) -> None:
@@ -207,19 +306,43 @@ class FeatureCapture:
                 continue  # reported by collect(): the module ran more than once
             if spec.call is not None and spec.call != -1 and spec.call != count:
                 continue
-            tensor = first_tensor(value)
-            if tensor is None:
-                raise CaptureError(
-                    f"{self.label}: {spec.name!r} is a {type(value).__name__}, not a tensor; "
-                    "hook a module whose output (or ':in' input) is a tensor."
-                )
+            tensor = self._value_of(spec, value)
             if self._clone[spec.name]:
                 tensor = tensor.clone()
             self._stored[spec.name] = tensor
             self._versions[spec.name] = tensor._version
 
-    def _out_hook(self, path: str, specs: list[FeatureSpec]):
-        key = (path, "out")
+    def _value_of(self, spec: FeatureSpec, value: object) -> torch.Tensor:
+        """The feature `spec` names in what its module's hook saw."""
+        if spec.port in ATTENTION_PORTS:
+            query, key, heads, causal = self._attention[spec.module]
+            return attention_maps(spec.port, self._projections[query], self._projections[key], heads, self._mask, causal)
+        if spec.item is not None:
+            value = select_item(value, spec.item)
+            if value is None:
+                raise CaptureError(f"{self.label}: {spec.name!r}: the output of {spec.module!r} has no element "
+                                   f"{spec.item!r}.")
+        tensor = first_tensor(value)
+        if tensor is None:
+            raise CaptureError(
+                f"{self.label}: {spec.name!r} is a {type(value).__name__}, not a tensor; "
+                "hook a module whose output (or ':in' input) is a tensor, or pick an element with '#'."
+            )
+        return tensor
+
+    def _projection_hook(self, path: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if self._recording:
+                self._projections[path] = first_tensor(output)
+
+        return hook
+
+    def _mask_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._recording:
+            self._mask = token_mask(kwargs) if "attention_mask" in kwargs else token_mask(args[0] if args else None)
+
+    def _out_hook(self, path: str, port: str, specs: list[FeatureSpec]):
+        key = (path, port)
 
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if self._recording:
@@ -289,6 +412,8 @@ class FeatureCapture:
     def clear(self) -> None:
         """Drop stored tensors and call counts (call after the losses are computed)."""
         self._stored.clear()
+        self._projections.clear()
+        self._mask = None
         self._versions.clear()
         self._calls.clear()
 
@@ -318,7 +443,7 @@ class FeatureCapture:
         Batch-norm statistics are not updated: the model runs in eval mode, and its
         train/eval flags are restored afterwards.
         """
-        with _eval_mode(model):
+        with eval_mode(model):
             for _ in range(2):  # a second pass if the first found in-place writes
                 with self.recording():
                     call_model(model, example_input)
@@ -357,7 +482,8 @@ class StaleFeatureError(CaptureError):
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block; every module's train/eval flag restored after."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -365,6 +491,13 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+def token_mask(inputs: object) -> torch.Tensor | None:
+    """(B, T) bool, True at real tokens, from a text batch's `attention_mask` (None for
+    inputs without one: images, or text without padding)."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    return mask.bool() if isinstance(mask, torch.Tensor) else None
 
 
 def call_model(model: nn.Module, example_input: object) -> object:
@@ -414,7 +547,7 @@ def list_modules(model: nn.Module, example_input: object) -> list[ModuleInfo]:
         )
         handles.append(module.register_forward_hook(make_hook(name, module)))
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             call_model(model, example_input)
     finally:
         for handle in handles:

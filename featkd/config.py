@@ -99,6 +99,9 @@ class ModelConfig(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
     pretrained: str | None = None
     checkpoint: str | None = None
+    #: start from the first teacher of its stage with only these of its layers (DistilBERT's
+    #: initialisation): "every_other", a list of teacher layer indices, or a layer count
+    from_teacher: str | int | list[NonNegativeInt] | None = None
     _expand = _shorthand("model")
 
 
@@ -133,6 +136,7 @@ class TermConfig(BaseModel):
     adapter: str | None = "default"  # "default": the loss's own choice; null: none
     teacher_index: NonNegativeInt = 0
     gather: bool = False
+    layer_map: str = "in_order"  # or "uniform": TinyBERT's g(m) = m * N / M
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     @property
@@ -402,15 +406,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), d
 def smoke_config(config: Config, output_dir: str | None = None) -> Config:
     """A tiny version of a config, to check it end to end in seconds on a CPU: every dataset
     becomes 16 synthetic samples of the same classes and input shape (ImageNet-sized inputs
-    shrink to 64x64; a validation split stays, of 8 samples), every stage runs one epoch,
+    shrink to 64x64; a validation split stays, of 8 samples), text keeps its tokenizer with
+    a few samples, every stage runs one epoch,
     checkpoints and pretrained files to load are dropped (the models train briefly instead),
     nothing is logged, and steps whose loss is not finite are skipped (a smoke run checks the
     wiring, on noise, not the numbers)."""
-    from featkd.data import SHAPES, build_data
+    from featkd.data import SHAPES, build_data, text_smoke_args
 
     data = config.to_dict()
 
     def tiny(section: dict[str, Any]) -> dict[str, Any]:
+        if section["name"] not in SHAPES and build_data(section["name"], section.get("args")).text is not None:
+            return {**section, "batch_size": 8, "eval_batch_size": 8, "num_workers": 0,
+                    "args": {**(section.get("args") or {}), **text_smoke_args(section["name"])}}
         if section["name"] in SHAPES:
             classes, shape = SHAPES[section["name"]]
         else:

@@ -28,10 +28,34 @@ if TYPE_CHECKING:
 DATASETS: Registry = Registry("dataset")
 
 
+#: What a text dataset trains a model for: labels per sequence, or per token.
+TEXT_TASKS = ("classification", "masked_lm", "causal_lm")
+
+
+@dataclass(frozen=True)
+class TextInfo:
+    """What a model needs to know of tokenised text: the tokenizer's vocabulary, the longest
+    sequence the data holds, the padding id, and the task (see `TEXT_TASKS`). For the
+    language-model tasks, `DataBundle.num_classes` is the vocabulary size."""
+
+    vocab_size: int
+    max_length: int
+    pad_id: int = 0
+    task: str = "classification"
+    #: where the tokenizer came from: a folder in `save_pretrained` format, or "word"
+    tokenizer: str = "word"
+
+    def example(self, batch: int = 1) -> dict[str, torch.Tensor]:
+        """A batch of full-length inputs (for counting multiply-adds and inspecting models)."""
+        ids = torch.arange(batch * self.max_length).reshape(batch, self.max_length) % self.vocab_size
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 @dataclass
 class DataBundle:
     """What a dataset builder returns; `val` is a validation split held out of the training
-    data (`validation_fraction`), for choosing settings and epochs without the test set."""
+    data (`validation_fraction`), for choosing settings and epochs without the test set.
+    Text data says what its tokens are in `text` (its `input_shape` is `(max_length,)`)."""
 
     train: Dataset
     test: Dataset
@@ -39,6 +63,17 @@ class DataBundle:
     input_shape: tuple[int, ...]
     class_names: list[str] = field(default_factory=list)
     val: Dataset | None = None
+    text: TextInfo | None = None
+
+    def example_input(self, batch: int = 1) -> Any:
+        """A batch of `batch` inputs of this data's form (zeros, or full-length token ids)."""
+        return self.text.example(batch) if self.text is not None else torch.zeros((batch, *self.input_shape))
+
+
+def collate_of(dataset: Dataset) -> Callable[[list], Any] | None:
+    """How a loader batches `dataset`: its own `collate` (text pads each batch to its longest
+    sequence), else torch's default."""
+    return getattr(dataset, "collate", None)
 
 
 class ArrayDataset(Dataset):
@@ -348,6 +383,15 @@ def imagenet(root: str = "data/imagenet", augment: bool = True, image_size: int 
 SHAPES = {"cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32)), "imagenet": (1000, (3, 224, 224))}
 
 
+def text_smoke_args(name: str) -> dict[str, int]:
+    """Arguments that shrink text dataset `name` to a few samples (`--smoke`)."""
+    import inspect
+
+    known = inspect.signature(DATASETS.get(name)).parameters
+    sizes = {"train_size": 16, "test_size": 8, "max_samples": 16}
+    return {k: v for k, v in sizes.items() if k in known}
+
+
 def build_data(name: str, args: dict | None = None) -> DataBundle:
     """Build a dataset by registry name with arguments checked against its builder."""
     return DATASETS.build(name, **(args or {}))
@@ -362,11 +406,15 @@ def make_loaders(train_set: Dataset, test_set: Dataset, data: DataConfig, seed: 
     train = DataLoader(train_set, batch_size=data.batch_size, num_workers=data.num_workers,
                        sampler=distributed.ShardedSampler(len(train_set), shuffle=True, seed=seed, drop_last=drop_last,
                                                           views=views),
-                       drop_last=drop_last, persistent_workers=data.num_workers > 0)
+                       drop_last=drop_last, persistent_workers=data.num_workers > 0, collate_fn=collate_of(train_set))
     return train, eval_loader(test_set, data)
 
 
 def eval_loader(dataset: Dataset, data: DataConfig) -> DataLoader:
     """An ordered loader for evaluation: this rank's shard, nothing repeated."""
     return DataLoader(dataset, batch_size=data.eval_batch_size, num_workers=data.num_workers,
-                      sampler=distributed.ShardedSampler(len(dataset), shuffle=False, drop_last=False))
+                      sampler=distributed.ShardedSampler(len(dataset), shuffle=False, drop_last=False),
+                      collate_fn=collate_of(dataset))
+
+
+from featkd import text  # noqa: E402,F401  (registers the text datasets)

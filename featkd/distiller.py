@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from featkd.adapters import ADAPTERS, infer_layout
-from featkd.capture import FeatureCapture, call_model, logits_of, resolve
+from featkd.capture import FeatureCapture, call_model, eval_mode, logits_of, resolve, token_mask
 from featkd.errors import AdapterError, ConfigError, FeatkdError, did_you_mean
 from featkd.losses import DistillLoss
 from featkd.losses.base import PretrainStage, TermInputs
 from featkd.teacher_cache import TeacherCacheSettings
 from featkd.teachers import TeacherOutputs, TeacherPass
-from featkd.terms import Pair, Term, check_terms, term_value
+from featkd.terms import Pair, Term, check_terms, map_layers, term_value
 
 __all__ = ["DistillOutput", "Distiller", "Pretraining", "Term"]
 
@@ -125,13 +125,9 @@ class Distiller(nn.Module):
         s_specs = resolve(self.student, term.student, "student")
         t_specs = resolve(teachers[term.teacher_index], term.teacher,
                           f"teacher {term.teacher_index}" if len(teachers) > 1 else "teacher")
-        if len(s_specs) != len(t_specs):
-            raise ConfigError(
-                f"term {term.name!r}: student features {[s.name for s in s_specs]} and teacher "
-                f"features {[s.name for s in t_specs]} differ in number; they are paired in order."
-            )
-        many = len(s_specs) > 1
-        return [Pair(s.name, t.name, s.name if many else "") for s, t in zip(s_specs, t_specs)]
+        pairs = map_layers([s.name for s in s_specs], [t.name for t in t_specs], term.layer_map, term.source.subject)
+        many = len(pairs) > 1
+        return [Pair(s, t, s if many else "") for s, t in pairs]
 
     def _teacher_features(self, teachers: int) -> list[list[str]]:
         names: list[list[str]] = [[] for _ in range(teachers)]
@@ -165,8 +161,24 @@ class Distiller(nn.Module):
             if term.adapter is not None:
                 self.adapters[term.name] = adapters
             term.module.bind(adapted, targets)
+        self._check_outputs(example_input)
         self.losses.to(device)
         self._ready = True
+
+    def _check_outputs(self, example_input: Any) -> None:
+        """Logit terms compare student and teacher outputs entry by entry: their last
+        dimensions (classes, or a language model's vocabulary) must agree."""
+        terms = [t for t in self.terms if t.module.needs_teacher and not t.module.reads_features]
+        if not terms:
+            return
+        sizes = [output_width(m, example_input) for m in (self.student, *self.teachers)]
+        if len(set(sizes)) > 1:
+            teachers = ", ".join(str(n) for n in sizes[1:])
+            raise ConfigError(
+                f"{terms[0].source.subject}: the student predicts over {sizes[0]} classes or tokens, the teacher(s) over "
+                f"{teachers}; {terms[0].loss!r} compares them entry by entry. Language models distilled token by token "
+                "must share one vocabulary: tokenize for both with the same tokenizer (data.args.tokenizer)."
+            )
 
     def _make_adapter(self, term: Term, pair: Pair, s_shape: tuple, t_shape: tuple) -> nn.Module:
         s_layout = infer_layout(s_shape, self.student)
@@ -194,7 +206,7 @@ class Distiller(nn.Module):
             losses: dict[str, torch.Tensor] = {}
             parts: dict[str, torch.Tensor] = {}
             for term in active:
-                inputs = self.term_inputs(term, logits, features, teachers, targets, batch)
+                inputs = self.term_inputs(term, x, logits, features, teachers, targets, batch)
                 losses[term.name] = term.weight * term_value(term, inputs, self._pairs.get(term.name, []), parts)
         finally:
             self.clear()
@@ -226,7 +238,7 @@ class Distiller(nn.Module):
         output, features = self._student_capture.run(self.student, x, names)
         return logits_of(output), features
 
-    def term_inputs(self, term: Term, logits: torch.Tensor | None, features: dict[str, torch.Tensor],
+    def term_inputs(self, term: Term, x: Any, logits: torch.Tensor | None, features: dict[str, torch.Tensor],
                     teachers: TeacherOutputs, targets: torch.Tensor | None, batch: dict[str, Any]) -> TermInputs:
         """What `term` reads this step: adapted student features (None where the student did
         not run) paired with the teacher's, the logits, the labels and its batch fields."""
@@ -246,7 +258,8 @@ class Distiller(nn.Module):
             students = [adapter(s) if s is not None else None for adapter, s in zip(adapters, students)]
         teacher_features = teachers.features.get(term.teacher_index, {})
         return TermInputs(logits, teachers.ensemble_logits(), targets, students,
-                          [teacher_features[p.teacher] for p in pairs], {k: batch[k] for k in term.module.batch_keys})
+                          [teacher_features[p.teacher] for p in pairs], {k: batch[k] for k in term.module.batch_keys},
+                          token_mask(x))
 
     def clear(self) -> None:
         """Drop the captured tensors of the last step."""
@@ -358,7 +371,7 @@ class Pretraining:
                 logits, features = distiller.run_student(x, reads.student)
             else:
                 logits, features = teachers.logits[term.teacher_index], {}
-            inputs = distiller.term_inputs(term, logits, features, teachers, targets, batch)
+            inputs = distiller.term_inputs(term, x, logits, features, teachers, targets, batch)
             parts: dict[str, torch.Tensor] = {}
             value = term_value(term, inputs, distiller._pairs[term.name], parts, term.module.pretrain_loss, "/pretrain")
         finally:
@@ -400,6 +413,13 @@ class Pretraining:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+@torch.no_grad()
+def output_width(model: nn.Module, example_input: Any) -> int:
+    """The size of the last dimension of a model's logits (no side effects: eval mode)."""
+    with eval_mode(model):
+        return logits_of(call_model(model, example_input)).shape[-1]
 
 
 def _device_of(model: nn.Module) -> torch.device:

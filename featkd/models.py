@@ -13,11 +13,12 @@ and their classifier `fc`, so feature names carry over between teacher and stude
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from torch import nn
 from featkd.capture import glob_to_regex
 from featkd.errors import CheckpointError, ModelError, did_you_mean
 from featkd.registry import Registry, check_arguments
+
+if TYPE_CHECKING:
+    from featkd.data import TextInfo
 
 MODELS: Registry = Registry("model")
 
@@ -189,6 +193,9 @@ EXTERNAL: dict[str, Callable[[str, int, Sequence[int], dict[str, Any]], nn.Modul
     "timm": _timm,
     "torchvision": _torchvision,
 }
+#: Sources of text models: their builders get the data's `TextInfo` as `args["text"]`.
+TEXT_SOURCES: list[str] = []
+_SOURCES = "'timm:<name>', 'torchvision:<name>' or 'hf:<folder or model type>'"
 
 
 def check_model_name(name: str, args: dict[str, Any] | None = None, where: str = "model") -> None:
@@ -196,9 +203,9 @@ def check_model_name(name: str, args: dict[str, Any] | None = None, where: str =
     prefix, _, rest = name.partition(":")
     if rest:
         if prefix not in EXTERNAL:
-            raise ModelError(f"{where}: unknown model source {prefix!r} in {name!r}; use 'timm:' or 'torchvision:'.")
+            raise ModelError(f"{where}: unknown model source {prefix!r} in {name!r}; use {_SOURCES}.")
         return
-    check_arguments(MODELS.get(name), args or {}, f"{where} ({name})", injected=["num_classes", "input_shape"])
+    check_arguments(MODELS.get(name), args or {}, f"{where} ({name})", injected=["num_classes", "input_shape", "text"])
 
 
 def build_model(
@@ -207,17 +214,29 @@ def build_model(
     input_shape: Sequence[int],
     args: dict[str, Any] | None = None,
     pretrained: str | Path | None = None,
+    text: TextInfo | None = None,
 ) -> nn.Module:
-    """Build a model by registry name (or `timm:` / `torchvision:`), weights from a local file."""
+    """Build a model by registry name (or `timm:` / `torchvision:` / `hf:`), weights from a
+    local file. With text data, `text` says what the tokens are (vocabulary, task); builders
+    that take a `text` argument get it, and image models refuse it."""
     args = dict(args or {})
     input_shape = tuple(int(s) for s in input_shape)
     prefix, _, rest = name.partition(":")
     if rest:
         if prefix not in EXTERNAL:
-            raise ModelError(f"unknown model source {prefix!r} in {name!r}; use 'timm:<name>' or 'torchvision:<name>'.")
-        model = EXTERNAL[prefix](rest, num_classes, input_shape, args)
+            raise ModelError(f"unknown model source {prefix!r} in {name!r}; use {_SOURCES}.")
+        if text is not None and prefix not in TEXT_SOURCES:
+            raise ModelError(f"{name} is an image model, but the data is tokenised text; use a text model "
+                             f"({', '.join(TEXT_SOURCES)}: or a built-in one such as 'transformer').")
+        model = EXTERNAL[prefix](rest, num_classes, input_shape, {**args, "text": text} if prefix in TEXT_SOURCES else args)
     else:
-        model = MODELS.build(name, num_classes=num_classes, input_shape=input_shape, **args)
+        builder = MODELS.get(name)
+        takes_text = "text" in inspect.signature(builder).parameters
+        if text is not None and not takes_text:
+            raise ModelError(f"{name!r} is an image model, but the data is tokenised text; use a text model such as "
+                             "'transformer' or 'hf:<folder>'.")
+        extra = {"text": text} if takes_text else {}
+        model = MODELS.build(name, num_classes=num_classes, input_shape=input_shape, **extra, **args)
     if pretrained is not None:
         load_weights(model, pretrained, what=name)
     return model
@@ -305,3 +324,4 @@ def frozen(model: nn.Module, freeze: Sequence[str], unfreeze: Sequence[str] = ()
 
 
 from featkd import cifar_models  # noqa: E402,F401  (registers the CIFAR benchmark architectures)
+from featkd import text_models  # noqa: E402,F401  (registers the built-in transformer and the hf: source)

@@ -46,7 +46,7 @@ class RunResult:
 
 
 def measure(run_dir: Path, results: dict[str, StageResult], final: str, student: nn.Module,
-            teachers: list[tuple[str, nn.Module]], test_loader: DataLoader, input_shape: tuple[int, ...],
+            teachers: list[tuple[str, nn.Module]], test_loader: DataLoader, example: Any,
             device: torch.device, precision: str = "fp32", channels_last: bool = False) -> RunResult:
     """The outcome of a run whose final stage `final` trained `student` from `teachers`
     ((model name, model) pairs): top-1 of each on the test set, agreement with the first teacher,
@@ -57,18 +57,21 @@ def measure(run_dir: Path, results: dict[str, StageResult], final: str, student:
     tested = evaluate(student, test_loader, device, precision, reference=first, channels_last=channels_last,
                       keep_predictions=True)
     if distributed.rank() == 0:
-        torch.save({"predictions": tested["predictions"], "targets": tested["targets"]}, run_dir / PREDICTIONS)
+        torch.save({k: tested[k] for k in ("predictions", "targets", "correct") if k in tested}, run_dir / PREDICTIONS)
     teacher_acc = [evaluate(t, test_loader, device, precision, channels_last=channels_last)["acc"] for t in models]
     return RunResult(
         run_dir, results[final], dict(results), teacher_acc, tested["agreement"] if first is not None else None,
         count_parameters(student), [count_parameters(t) for t in models],
-        multiply_adds(student, input_shape, device), [multiply_adds(t, input_shape, device) for t in models],
+        multiply_adds(student, example, device), [multiply_adds(t, example, device) for t in models],
         [name for name, _ in teachers])
 
 
 def test_correct(run_dir: str | Path) -> torch.Tensor:
-    """Which test samples the run's final student classifies correctly (from `predictions.pt`)."""
+    """Which test samples the run's final student classifies correctly (from `predictions.pt`);
+    for a token-level task, each sample's share of labelled tokens predicted right."""
     saved = torch.load(Path(run_dir) / PREDICTIONS)
+    if "correct" in saved:
+        return saved["correct"]
     return saved["predictions"] == saved["targets"]
 
 

@@ -22,6 +22,27 @@ from featkd.losses.base import LossValue, TermInputs
 from featkd.registry import check_arguments
 
 
+#: How a term pairs its student features with its teacher's (see `Term`).
+LAYER_MAPS = ("in_order", "uniform")
+
+
+def map_layers(students: Sequence[str], teachers: Sequence[str], layer_map: str, subject: str) -> list[tuple[str, str]]:
+    """(student, teacher) feature pairs of a term by its `layer_map`."""
+    m, n = len(students), len(teachers)
+    if layer_map == "uniform":
+        if n % m:
+            raise ConfigError(f"{subject}: layer_map uniform pairs each of {m} student features with every "
+                              f"{n}/{m}-th teacher feature, but {n} is not a multiple of {m}; list the teacher "
+                              "layers to use instead.")
+        return [(students[i], teachers[(i + 1) * n // m - 1]) for i in range(m)]
+    if m != n:
+        raise ConfigError(
+            f"{subject}: student features {list(students)} and teacher features {list(teachers)} differ in "
+            "number; they are paired in order (or set layer_map: uniform for TinyBERT's mapping)."
+        )
+    return list(zip(students, teachers))
+
+
 @dataclass(frozen=True)
 class TermSource:
     """Where a term was written, so that its errors speak of the user's own keys."""
@@ -79,6 +100,10 @@ class Term:
         teacher_index: which teacher of an ensemble a feature term reads (default 0).
         gather: in a multi-process (DDP) run, compute a relational loss over the global batch
             gathered from every process, with gradients to each process's own samples.
+        layer_map: how student features pair with teacher features: "in_order" (one to one,
+            equal counts) or "uniform" (TinyBERT's g(m) = m * N / M: M student layers learn
+            from every (N / M)-th of N teacher layers, e.g. `student="encoder.layer.*"` with 4
+            layers and `teacher="bert.encoder.layer.*"` with 12 pairs 0-2, 1-5, 2-8, 3-11).
         source: where the term was written (config terms name their keys in errors).
         **params: the loss's hyper-parameters (e.g. `temperature=4`).
     """
@@ -94,6 +119,7 @@ class Term:
         name: str | None = None,
         teacher_index: int = 0,
         gather: bool = False,
+        layer_map: str = "in_order",
         source: TermSource | None = None,
         **params: Any,
     ) -> None:
@@ -116,6 +142,7 @@ class Term:
         self.adapter = cls.default_adapter if adapter == "default" else adapter
         self.teacher_index = teacher_index
         self.gather = gather
+        self.layer_map = layer_map
         self.params = params
         self._check()
         self.module.sees_global_batch = gather
@@ -139,6 +166,9 @@ class Term:
             )
         if self.adapter is not None:
             _named(source.where("adapter") if source.keyed else None, lambda: ADAPTERS.get(self.adapter))
+        if self.layer_map not in LAYER_MAPS:
+            raise ConfigError(f"{source.value('layer_map', self.layer_map)} is not a layer map; use one of "
+                              f"{', '.join(LAYER_MAPS)}.")
         if self.teacher_index < 0:
             raise ConfigError(f"{source.value('teacher_index', self.teacher_index)} is not a teacher's index.")
         if self.gather and not cls.relational:
@@ -161,7 +191,7 @@ class Term:
         """The term of a config's `loss.<name>` entry (a `TermConfig`) at config key `key`."""
         adapter: dict[str, Any] = {} if spec.adapter == "default" else {"adapter": spec.adapter}
         return cls(spec.type or name, spec.weight, student=spec.student, teacher=spec.teacher, name=name,
-                   teacher_index=spec.teacher_index, gather=spec.gather,
+                   teacher_index=spec.teacher_index, gather=spec.gather, layer_map=spec.layer_map,
                    source=TermSource(key, keyed=True, add_teacher=add_teacher), **adapter, **spec.params)
 
     def __repr__(self) -> str:

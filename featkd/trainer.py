@@ -28,11 +28,11 @@ from featkd import distributed, stage_cache
 from featkd import specialists as sp
 from featkd.checkpoint import load_checkpoint, save_checkpoint
 from featkd.config import Config, DataConfig, ModelConfig, TrainConfig
-from featkd.data import DataBundle, build_data, eval_loader, make_loaders
+from featkd.data import DataBundle, build_data, collate_of, eval_loader, make_loaders
 from featkd.distiller import Distiller, Term
 from featkd.engine import StageResult, StageSettings, StopRequest, fit, restore_weights
 from featkd.errors import CheckpointError, ConfigError, FeatkdError
-from featkd.evaluation import evaluate
+from featkd.evaluation import evaluate, to_device
 from featkd.models import build_model, count_parameters, frozen
 from featkd.run_folder import RunFolder
 from featkd.runtime import resolve_device, seed_everything
@@ -49,7 +49,7 @@ __all__ = ["RunResult", "build_models", "check", "load_model_checkpoint", "train
 
 def build_from(spec: ModelConfig, bundle: DataBundle) -> nn.Module:
     """A model from its config, with weights from `checkpoint` or `pretrained` if given."""
-    model = build_model(spec.model, bundle.num_classes, bundle.input_shape, spec.args, spec.pretrained)
+    model = build_model(spec.model, bundle.num_classes, bundle.input_shape, spec.args, spec.pretrained, bundle.text)
     if spec.checkpoint:
         load_model_checkpoint(model, spec.checkpoint, spec.model)
     return model
@@ -82,7 +82,7 @@ def build_models(plan: Plan, bundle: DataBundle, seed: int, device: torch.device
 def model_record(spec: ModelConfig, bundle: DataBundle) -> dict[str, Any]:
     """What a checkpoint says of its model, so that it can be rebuilt (`featkd eval`)."""
     return {"model_name": spec.model, "model_args": spec.args, "num_classes": bundle.num_classes,
-            "input_shape": list(bundle.input_shape)}
+            "input_shape": list(bundle.input_shape), "text": asdict(bundle.text) if bundle.text else None}
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -143,16 +143,42 @@ class Run:
             if stage.specialists is not None or any(t not in self.models for t in stage.teachers):
                 continue  # specialists, and what learns from their ensemble: built by their stage
             try:
+                if self.plan.models[stage.model].from_teacher is not None:
+                    self.initialise_from_teacher(stage)  # the models are untrained: nothing is lost
                 with self.distiller(stage) as distiller:
                     distiller.prepare_data(self.data(stage.data).train)
             except FeatkdError as exc:
                 raise ConfigError(f"stage {stage.name!r}: {exc}") from None
 
+    def initialise_from_teacher(self, stage: StagePlan) -> None:
+        """Copy into the stage's model the weights of its first teacher with the layers its
+        `from_teacher` keeps (DistilBERT's initialisation); the architectures must agree."""
+        from featkd.text_models import student_from_teacher
+
+        spec = self.plan.models[stage.model]
+        key = f"models.{stage.model}.from_teacher" if self.config.stages else f"{stage.model}.from_teacher"
+        if not stage.teachers:
+            raise ConfigError(f"{key}: stage {stage.name!r} has no teacher to start {stage.model!r} from.")
+        try:
+            state = student_from_teacher(self.models[stage.teachers[0]], spec.from_teacher).state_dict()
+        except FeatkdError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        own = self.models[stage.model].state_dict()
+        wrong = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+        if wrong or set(state) - set(own):
+            raise ConfigError(
+                f"{key}: {stage.model!r} ({spec.model}) is not the teacher's architecture with those layers (e.g. "
+                f"{(wrong or sorted(set(state) - set(own)))[:3]} differ); give it the teacher's model and arguments "
+                "with the number of layers kept."
+            )
+        self.models[stage.model].load_state_dict(state)
+
     def distiller(self, stage: StagePlan) -> Distiller:
         """The stage's model learning from its teachers by its terms, set up (shapes probed,
         adapters built) on a batch of the stage's training inputs."""
         bundle, cache = self.data(stage.data), self.config.teacher_cache
-        example = next(iter(DataLoader(bundle.train, batch_size=stage.data.batch_size)))[0].to(self.device)
+        example = to_device(next(iter(DataLoader(bundle.train, batch_size=stage.data.batch_size,
+                                                 collate_fn=collate_of(bundle.train))))[0], self.device)
         return Distiller([self.models[k] for k in stage.teachers] or None, self.models[stage.model],
                          terms_from(stage.terms, stage.loss_key, stage.teacher_hint), example_input=example,
                          teacher_cache=TeacherCacheSettings(cache.dtype, list(cache.features))
@@ -203,6 +229,8 @@ class Run:
         bundle = self.data(stage.data)
         seed_everything(stage.seed)
         model.requires_grad_(True)  # it may have taught in an earlier stage, frozen
+        if spec.from_teacher is not None and self.folder.resume_point(stage.name) is None:
+            self.initialise_from_teacher(stage)
         with frozen(model, stage.freeze, stage.unfreeze), self.distiller(stage) as distiller:
             if config.compile:  # after the hooks are in place: compiled graphs keep them
                 backend = "inductor" if config.compile is True else config.compile
@@ -324,7 +352,7 @@ class Run:
         teachers = [(self.plan.models[k].model if k in self.plan.models else "specialists", self.models[k])
                     for k in final.teachers]
         return measure(self.folder.path, self.results, final.name, self.models[final.model], teachers, test_loader,
-                       tuple(self.bundle.input_shape), self.device, self.config.precision, self.config.channels_last)
+                       self.bundle.example_input(1), self.device, self.config.precision, self.config.channels_last)
 
 
 def train(config: Config, run_dir: Path | str | None = None, verbose: bool = True, resume: bool = False) -> RunResult:

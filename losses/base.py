@@ -71,14 +71,18 @@ class PretrainStage:
 
 @dataclass(frozen=True)
 class Example:
-    """The loss in use on the built-in `cnn` models (teacher and student of `cnn`'s stage
-    layout, `layer1..3`, `fc`): the features to capture and the arguments for a quick run.
-    Documentation for users, and the data the test suite runs every registered loss with."""
+    """The loss in use on built-in models: the features to capture and the arguments for a
+    quick run. Documentation for users, and the data the test suite runs every registered
+    loss with. `models` says on which pair: "cnn" (teacher and student of `cnn`'s stage
+    layout, `layer1..3`, `fc`, on images) or "transformer" (a 4-layer teacher and a 2-layer
+    student of the built-in `transformer`, names `embeddings`, `encoder.layer.N`, ...,
+    on padded text)."""
 
-    student: str | None = None
-    teacher: str | None = None
+    student: str | Sequence[str] | None = None
+    teacher: str | Sequence[str] | None = None
     adapter: str | None = "default"
     params: Mapping[str, Any] = field(default_factory=dict)
+    models: str = "cnn"
 
 
 @dataclass
@@ -93,6 +97,13 @@ class TermInputs:
     teachers: list[torch.Tensor] = field(default_factory=list)
     #: batch fields the loss asked for in `batch_keys` (CRD's sample index)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: (B, T) bool, True at real tokens, for text inputs with an attention mask (else None);
+    #: passed to losses that set `reads_mask` as the keyword `mask`
+    mask: torch.Tensor | None = None
+
+    def keywords(self, loss: DistillLoss) -> dict[str, Any]:
+        """The keyword arguments `loss.forward` takes besides its kind's positional ones."""
+        return {**self.extras, "mask": self.mask} if loss.reads_mask else self.extras
 
     def gathered(self) -> TermInputs:
         """Every tensor concatenated over the processes of a DDP run, gradients flowing to
@@ -137,6 +148,9 @@ class DistillLoss(nn.Module):
     #: Some trained parameters get no gradient in some steps, so a multi-process run must
     #: search the graph for unused parameters at every step (costly: only where needed).
     leaves_parameters_unused: ClassVar[bool] = False
+    #: Token-level: `forward` takes `mask=` ((B, T) bool, True at real tokens, or None when
+    #: the inputs have no padding) and leaves padding positions out of its value.
+    reads_mask: ClassVar[bool] = False
     #: How to use the loss on the built-in CNNs (see `Example`).
     example: ClassVar[Example] = Example()
 
@@ -157,7 +171,7 @@ class DistillLoss(nn.Module):
     def evaluate(self, inputs: TermInputs, objective: Callable[..., LossValue] | None = None) -> LossValue:
         """Call `objective` (default: the loss itself) on what this kind reads; the Distiller's
         only way into a loss. A direct DistillLoss subclass reads logits, as a LogitLoss does."""
-        return (objective or self)(inputs.student_logits, inputs.teacher_logits, inputs.targets, **inputs.extras)
+        return (objective or self)(inputs.student_logits, inputs.teacher_logits, inputs.targets, **inputs.keywords(self))
 
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
         """Called once with the probed per-sample shapes of the (adapted) student features
@@ -211,7 +225,7 @@ class FeaturePairLoss(FeatureLoss):
 
     def evaluate(self, inputs: TermInputs, objective: Callable[..., LossValue] | None = None) -> LossValue:
         objective = objective or self
-        return [objective(s, t, **inputs.extras) for s, t in zip(inputs.students, inputs.teachers)]
+        return [objective(s, t, **inputs.keywords(self)) for s, t in zip(inputs.students, inputs.teachers)]
 
 
 class FeatureSetLoss(FeatureLoss):
@@ -219,7 +233,7 @@ class FeatureSetLoss(FeatureLoss):
     pair order; it returns one value, or one per pair (logged under each pair's name)."""
 
     def evaluate(self, inputs: TermInputs, objective: Callable[..., LossValue] | None = None) -> LossValue:
-        return (objective or self)(inputs.students, inputs.teachers, **inputs.extras)
+        return (objective or self)(inputs.students, inputs.teachers, **inputs.keywords(self))
 
 
 _KINDS = (LogitLoss, FeaturePairLoss, FeatureSetLoss)
@@ -247,9 +261,10 @@ def as_ensemble(teacher_logits: TeacherLogits) -> list[torch.Tensor]:
 def ensemble_log_probs(teacher_logits: TeacherLogits, temperature: float) -> torch.Tensor:
     """log of the mean of the teachers' softened probabilities, computed stably.
 
-    log (1/K) sum_k softmax(t_k / T) = logsumexp_k log_softmax(t_k / T) - log K
+    log (1/K) sum_k softmax(t_k / T) = logsumexp_k log_softmax(t_k / T) - log K, the softmax
+    over the last dimension: classes of (B, C) logits, the vocabulary of (B, T, V) ones.
     """
-    logs = [torch.log_softmax(full_precision(t.detach()) / temperature, dim=1) for t in as_ensemble(teacher_logits)]
+    logs = [torch.log_softmax(full_precision(t.detach()) / temperature, dim=-1) for t in as_ensemble(teacher_logits)]
     if len(logs) == 1:
         return logs[0]
     return torch.logsumexp(torch.stack(logs), dim=0) - math.log(len(logs))

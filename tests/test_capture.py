@@ -111,8 +111,12 @@ def test_unknown_names_suggest_the_closest(tiny_net):
         resolve(tiny_net, "bn3", "student")
     with pytest.raises(CaptureError, match="matches no module"):
         resolve(tiny_net, "layer*")
-    with pytest.raises(CaptureError, match="cannot read feature name"):
+    with pytest.raises(CaptureError, match="unknown port 'inn'; a port is one of out, in"):
         resolve(tiny_net, "fc:inn")
+    with pytest.raises(CaptureError, match="cannot read feature name"):
+        resolve(tiny_net, "fc:in:out")
+    with pytest.raises(CaptureError, match="no query and key projections"):
+        resolve(tiny_net, "fc:attention")
 
 
 def test_globs_stay_within_one_path_segment():
