@@ -5,6 +5,7 @@ logit.py     ce, kd, logit_mse, dkd, dist
 feature.py   fitnet, at, nst, vid, ft, ab, fsp
 relation.py  rkd, sp, cc, pkt
 crd.py       crd (with its memory bank and dataset wrapper)
+language.py  token_kd, soft_ce, hidden_cosine, hidden_mse, attention_mse, minilm, minilmv2
 """
 
 from featkd.losses.base import (
@@ -32,6 +33,15 @@ from featkd.losses.feature import (
     attention_map,
     fsp_matrix,
 )
+from featkd.losses.language import (
+    AttentionMSE,
+    HiddenCosine,
+    HiddenMSE,
+    MiniLM,
+    MiniLMv2,
+    SoftCrossEntropy,
+    TokenKD,
+)
 from featkd.losses.logit import CrossEntropy, DISTLoss, DKDLoss, KDLoss, LogitMSE
 from featkd.losses.relation import (
     CorrelationCongruence,
@@ -45,6 +55,7 @@ from featkd.losses.relation import (
 __all__ = [
     "LOSSES",
     "ActivationBoundaries",
+    "AttentionMSE",
     "AttentionTransfer",
     "CRDLoss",
     "CorrelationCongruence",
@@ -58,15 +69,21 @@ __all__ = [
     "FeaturePairLoss",
     "FeatureSetLoss",
     "FitNetHint",
+    "HiddenCosine",
+    "HiddenMSE",
     "KDLoss",
     "LogitLoss",
     "LogitMSE",
+    "MiniLM",
+    "MiniLMv2",
     "NSTLoss",
     "PretrainStage",
     "ProbabilisticKT",
     "RKDLoss",
     "SimilarityPreserving",
+    "SoftCrossEntropy",
     "TermInputs",
+    "TokenKD",
     "VIDLoss",
     "WithIndex",
     "as_ensemble",

@@ -16,12 +16,18 @@ from featkd.losses.base import (
     full_precision,
 )
 
+#: The label of positions nothing is predicted for (padding, unmasked tokens of masked-LM).
+IGNORE_INDEX = -100
+
 
 @LOSSES.register("ce")
 class CrossEntropy(LogitLoss):
     """Cross-entropy with the labels (the task loss; no teacher).
 
-    L = -(1/B) sum_i log softmax(s_i)[y_i], optionally with label smoothing.
+    L = -(1/B) sum_i log softmax(s_i)[y_i], optionally with label smoothing. Token-level logits
+    (B, T, V) with labels (B, T) give the language-modelling loss: the mean over the positions
+    whose label is not -100 (the masked tokens of masked-LM, DistilBERT's L_mlm; padding),
+    0 when a batch has none.
     """
 
     needs_teacher = False
@@ -29,12 +35,24 @@ class CrossEntropy(LogitLoss):
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ConfigError(f"ce: label_smoothing must be in [0, 1], got {label_smoothing}.")
         self.label_smoothing = label_smoothing
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: TeacherLogits | None, targets: torch.Tensor
     ) -> torch.Tensor:
-        return F.cross_entropy(full_precision(student_logits), targets, label_smoothing=self.label_smoothing)
+        logits = full_precision(student_logits)
+        if logits.dim() <= 2:
+            return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        if targets.shape != logits.shape[:-1]:
+            raise ConfigError(f"ce: token-level logits {tuple(logits.shape)} need labels of shape "
+                              f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}.")
+        targets = targets.reshape(-1)
+        if not (targets != IGNORE_INDEX).any():  # nothing to predict in this batch: 0, not 0/0
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX,
+                               label_smoothing=self.label_smoothing)
 
 
 @LOSSES.register("kd")
