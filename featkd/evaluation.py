@@ -15,6 +15,7 @@ from featkd.capture import call_model, logits_of
 from featkd.checkpoint import load_checkpoint
 from featkd.errors import CheckpointError
 from featkd.runtime import autocast
+from featkd.losses.base import IGNORE_INDEX
 
 
 def to_device(value: Any, device: torch.device) -> Any:
@@ -36,10 +37,6 @@ def unpack(batch: Any, device: torch.device, channels_last: bool = False
     if channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True), to_device(extras, device)
-
-
-#: The label of a position no loss or accuracy counts (an unmasked token of a masked-LM batch).
-IGNORE_INDEX = -100
 
 
 def scored_positions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -49,6 +49,9 @@ from featkd.registry import Registry
 LOSSES: Registry = Registry("loss", "losses")
 
 Shape = tuple[int, ...]
+#: The label of a position nothing is predicted for (an unmasked or padded token of a
+#: language-model batch), as in PyTorch's and Hugging Face's losses.
+IGNORE_INDEX = -100
 TeacherLogits = torch.Tensor | Sequence[torch.Tensor]
 #: What a loss returns: a scalar, named scalar parts, or (feature sets) one of those per pair.
 LossValue = torch.Tensor | dict[str, torch.Tensor] | list[Any]

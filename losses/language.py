@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from featkd.errors import ConfigError
 from featkd.losses.base import (
+    IGNORE_INDEX,
     LOSSES,
     Example,
     FeaturePairLoss,
@@ -32,7 +33,6 @@ from featkd.losses.base import (
     full_precision,
 )
 
-IGNORE_INDEX = -100
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 Positions = Literal["tokens", "labelled"]

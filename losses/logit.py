@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from featkd.errors import ConfigError
 from featkd.losses.base import (
+    IGNORE_INDEX,
     LOSSES,
     Example,
     LogitLoss,
@@ -17,7 +18,6 @@ from featkd.losses.base import (
 )
 
 #: The label of positions nothing is predicted for (padding, unmasked tokens of masked-LM).
-IGNORE_INDEX = -100
 
 
 @LOSSES.register("ce")
