@@ -195,6 +195,8 @@ EXTERNAL: dict[str, Callable[[str, int, Sequence[int], dict[str, Any]], nn.Modul
 }
 #: Sources of text models: their builders get the data's `TextInfo` as `args["text"]`.
 TEXT_SOURCES: list[str] = []
+#: Checks a source runs at config validation (before anything is built): `hf:` needs its extra.
+SOURCE_CHECKS: dict[str, Callable[[str], None]] = {}
 _SOURCES = "'timm:<name>', 'torchvision:<name>' or 'hf:<folder or model type>'"
 
 
@@ -204,6 +206,8 @@ def check_model_name(name: str, args: dict[str, Any] | None = None, where: str =
     if rest:
         if prefix not in EXTERNAL:
             raise ModelError(f"{where}: unknown model source {prefix!r} in {name!r}; use {_SOURCES}.")
+        if prefix in SOURCE_CHECKS:
+            SOURCE_CHECKS[prefix](rest)
         return
     check_arguments(MODELS.get(name), args or {}, f"{where} ({name})", injected=["num_classes", "input_shape", "text"])
 
