@@ -62,8 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes (default 1)")
 
     p = sub.add_parser("inspect", help="list a model's hookable module names with their shapes")
-    p.add_argument("model", help="built-in name, timm:<name> or torchvision:<name>")
-    p.add_argument("--input-shape", help="per-sample input shape, e.g. 3,32,32 (default: the model's own)")
+    p.add_argument("model", help="built-in name, timm:<name>, torchvision:<name> or hf:<folder>")
+    p.add_argument("--input-shape", help="per-sample input shape, e.g. 3,32,32 (default: the model's own); "
+                                         "for text models, the sequence length (default 16)")
+    p.add_argument("--vocab-size", type=int, default=1000, help="the built-in transformer's vocabulary (default 1000)")
     p.add_argument("--num-classes", type=int, help="classifier size (default 10; 1000 for timm/torchvision)")
     p.add_argument("--depth", type=int, default=None, help="only show names with at most this many dots + 1")
 
@@ -75,14 +77,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="overhead (default): step time and memory per method vs student step + teacher forward; "
                         "scaling: relational losses vs batch size; cache: epoch times with the teacher cache; "
                         "rkd-angle: direct vs Gram-matrix RKD angle")
-    p.add_argument("--teacher", default="torchvision:resnet34")
+    p.add_argument("--teacher", default="torchvision:resnet34",
+                   help="image model, or a text model (hf:<folder or type>, transformer): then the text methods")
     p.add_argument("--student", default="torchvision:resnet18")
-    p.add_argument("--input-shape", default="3,32,32")
+    p.add_argument("--teacher-args", help="text models: JSON arguments (an hf: model type's config)")
+    p.add_argument("--student-args", help="text models: JSON arguments")
+    p.add_argument("--vocab", type=int, default=30522, help="text models: vocabulary size (default BERT's 30522)")
+    p.add_argument("--input-shape", default="3,32,32", help="per-sample shape; text models: sequence length")
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--batch", type=int, default=None, help="overhead/cache: 64; rkd-angle: 256")
     p.add_argument("--dim", type=int, default=2048, help="rkd-angle: embedding size")
     p.add_argument("--batches", default="32,64,128,256,512,1024", help="scaling: batch sizes")
-    p.add_argument("--methods", default=None, help="overhead: comma-separated (default: kd,fitnet,at,sp,rkd,crd,kd+at+rkd)")
+    p.add_argument("--methods", default=None, help="overhead: comma-separated (default: kd,fitnet,at,sp,rkd,crd,kd+at+rkd; text: kd,distilbert,minilm,minilmv2,tinybert)")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats (median); overhead: 20, others: 3")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--channels-last", action="store_true")
@@ -181,23 +187,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from featkd.capture import list_modules
     from featkd.models import build_model, default_input_shape
 
+    from featkd.text_models import example_text_input
+
     external = ":" in args.model
-    shape = _shape(args.input_shape) if args.input_shape else default_input_shape(args.model)
-    classes = args.num_classes or (1000 if external else 10)
-    model = build_model(args.model, classes, shape)
-    rows = list_modules(model, torch.zeros((2, *shape)))
+    text = args.model.startswith("hf:") or args.model == "transformer"
+    shape = _shape(args.input_shape) if args.input_shape else ((16,) if text else default_input_shape(args.model))
+    classes = args.num_classes or (1000 if external and not text else 10)
+    extra = {"vocab_size": args.vocab_size} if args.model == "transformer" else {}
+    model = build_model(args.model, classes, shape, extra)
+    example = example_text_input(model, length=shape[0]) if text else torch.zeros((2, *shape))
+    rows = list_modules(model, example)
     if args.depth is not None:
         rows = [r for r in rows if r.name.count(".") < args.depth]
     fmt = lambda s: "x".join(map(str, s[1:])) if s else "-"  # noqa: E731 (per-sample shape)
     width = max([len(r.name) for r in rows] + [4])
     type_width = max([len(r.type) for r in rows] + [4])
-    print(f"{args.model}: input {fmt((0, *shape))}, {classes} classes. Feature names: NAME (output), NAME:in (input).")
+    what = f"{example['input_ids'].shape[1]} tokens" if text else f"input {fmt((0, *shape))}, {classes} classes"
+    ports = ", NAME#i (element i of a tuple output), ATTN:attention / ATTN:scores (self-attention maps)" if text else ""
+    print(f"{args.model}: {what}. Feature names: NAME (output), NAME:in (input){ports}.")
     print(f"{'name':<{width}}  {'type':<{type_width}}  {'input':>14}  {'output':>14}  {'params':>10}")
     for r in rows:
         calls = f"  (runs {r.calls}x: use {r.name}@0..@{r.calls - 1})" if r.calls > 1 else ""
         calls = "  (not run)" if r.calls == 0 else calls
         print(f"{r.name:<{width}}  {r.type:<{type_width}}  {fmt(r.input_shape):>14}  {fmt(r.output_shape):>14}  {r.params:>10,}{calls}")
     return 0
+
+
+def _json_arg(text: str | None, option: str) -> dict | None:
+    import json
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        value = exc
+    if not isinstance(value, dict):
+        from featkd.errors import ConfigError
+
+        raise ConfigError(f"{option} {text!r}: give a JSON object, e.g. '{{\"num_hidden_layers\": 4}}'.")
+    return value
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -241,10 +270,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "overhead":
         from featkd.bench import overhead
 
-        methods = args.methods.split(",") if args.methods else overhead.METHODS
+        text = overhead.is_text_model(args.teacher)
+        methods = args.methods.split(",") if args.methods else overhead.TEXT_METHODS if text else overhead.METHODS
         settings = {"teacher": args.teacher, "student": args.student, "input_shape": shape, "classes": args.classes,
                     "batch": args.batch or 64, "repeats": args.repeats or 20, "device": args.device,
                     "precision": args.precision, "channels_last": args.channels_last}
+        if text:
+            settings.update(vocab=args.vocab, teacher_args=_json_arg(args.teacher_args, "--teacher-args"),
+                            student_args=_json_arg(args.student_args, "--student-args"))
         results = overhead.run(**settings, methods=methods, memory=not args.no_memory)
         overhead.report(results, settings)
     elif args.suite == "scaling":

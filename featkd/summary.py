@@ -90,7 +90,7 @@ def summary_lines(result: RunResult) -> list[str]:
     for i, (acc, params, m) in enumerate(zip(result.teacher_acc, result.teacher_params, result.teacher_macs)):
         lines.append(f"teacher{i if len(result.teacher_acc) > 1 else ''}      top-1 {acc:.2f}%  {params:,} parameters{macs(m)}")
     if result.agreement is not None:
-        lines.append(f"agreement    student and teacher predict the same class on {result.agreement:.2f}% of test images")
+        lines.append(f"agreement    student and teacher predict the same class on {result.agreement:.2f}% of test samples")
     if s.skipped_steps:
         lines.append(f"skipped      {s.skipped_steps} steps with a non-finite loss")
     return lines

@@ -8,6 +8,7 @@ import yaml
 
 from featkd.compare import load_spec, plan
 from featkd.config import dump_yaml, load_config
+from featkd.data import build_data
 from featkd.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -27,7 +28,9 @@ def test_there_is_a_config_for_every_loss():
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_run_config_trains_on_tiny_settings(path, tmp_path):
-    tiny = [f"output_dir={tmp_path}", "logger=none", "progress=false", "data.args.train_fraction=0.2"]
+    tiny = [f"output_dir={tmp_path}", "logger=none", "progress=false"]
+    text = build_data(load_config(path).data.name, load_config(path).data.args).text is not None
+    tiny += ["data.args.train_size=128", "data.args.test_size=32"] if text else ["data.args.train_fraction=0.2"]
     config = load_config(path, tiny)
     if config.stages:
         overrides = [f"stages.{i}.train.epochs=1" for i in range(len(config.stages))]

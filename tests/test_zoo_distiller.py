@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from featkd import Distiller, Term
-from featkd.data import build_data
+from featkd.data import build_data, collate_of
 from featkd.errors import ConfigError, FeatkdError
 from featkd.losses import LOSSES
 from featkd.models import build_model
@@ -20,7 +20,7 @@ BUILTIN = builtin_losses()
 STAGED = [n for n in BUILTIN if LOSSES.get(n).pretrain is not None]
 
 
-def test_every_registered_loss_has_an_example_on_the_builtin_cnns():
+def test_every_registered_loss_has_an_example_on_builtin_models():
     """A loss is run by the tests below from its `example`; a feature loss without one could not be."""
     for name in BUILTIN:
         cls = LOSSES.get(name)
@@ -33,11 +33,34 @@ def data():
     return bundle
 
 
-def models():
+@pytest.fixture(scope="module")
+def text():
+    return build_data("generated_sentiment", {"train_size": 64, "test_size": 16, "max_length": 16})
+
+
+def models(kind: str = "cnn", bundle=None):
+    """The example pairs of `losses.base.Example`: CNNs on digits, transformers on text."""
     torch.manual_seed(0)
+    if kind == "transformer":
+        shape, text = bundle.input_shape, bundle.text
+        teacher = build_model("transformer", 2, shape, {"layers": 4, "hidden": 32, "heads": 4}, text=text)
+        student = build_model("transformer", 2, shape, {"layers": 2, "hidden": 16, "heads": 4}, text=text)
+        return teacher, student
     teacher = build_model("cnn", 10, (1, 8, 8), {"widths": (8, 16, 32)})
     student = build_model("cnn", 10, (1, 8, 8), {"widths": (4, 8, 16)})
     return teacher, student
+
+
+def example_setting(name: str, data, text):
+    """(teacher, student, a batch of inputs to set up with, the dataset) of a loss's example."""
+    kind = LOSSES.get(name).example.models
+    bundle = text if kind == "transformer" else data
+    teacher, student = models(kind, bundle)
+    if kind == "transformer":
+        x0 = next(iter(torch.utils.data.DataLoader(bundle.train, batch_size=16, collate_fn=bundle.train.collate)))[0]
+    else:
+        x0 = bundle.train.inputs[:16]
+    return teacher, student, x0, bundle
 
 
 def term_for(name: str) -> Term:
@@ -49,16 +72,15 @@ def term_for(name: str) -> Term:
 
 def batch(data, distiller: Distiller, size: int = 16):
     train = distiller.prepare_data(data.train)
-    loader = torch.utils.data.DataLoader(train, batch_size=size)
+    loader = torch.utils.data.DataLoader(train, batch_size=size, collate_fn=collate_of(train))
     x, y, *rest = next(iter(loader))
     return x, y, (rest[0] if rest else {})
 
 
 @pytest.mark.parametrize("name", BUILTIN)
-def test_each_loss_trains_the_student_and_its_own_parts_never_the_teacher(name, data):
-    teacher, student = models()
+def test_each_loss_trains_the_student_and_its_own_parts_never_the_teacher(name, data, text):
+    teacher, student, x0, data = example_setting(name, data, text)
     teacher_state = copy.deepcopy(teacher.state_dict())
-    x0 = data.train.inputs[:16]
     distiller = Distiller(teacher, student, [term_for(name)], example_input=x0)
     x, y, extras = batch(data, distiller)
     distiller.train()
@@ -160,3 +182,27 @@ def test_pretraining_is_an_objective_not_a_mode(data):
             pass
     with pytest.raises(ConfigError, match="no pre-training stage"):
         Distiller(teacher, student, ["ce"]).pretraining("ce")
+
+
+TOKEN_LEVEL = [n for n in BUILTIN if LOSSES.get(n).reads_mask]
+
+
+@pytest.mark.parametrize("name", TOKEN_LEVEL)
+def test_token_level_losses_ignore_padding_end_to_end(name, text):
+    """Through the Distiller, on padded batches: what sits at padded positions changes nothing.
+    Logit losses run on masked-LM models, whose logits exist at every position."""
+    logit_loss = not LOSSES.get(name).reads_features
+    bundle = build_data("generated_sentiment", {"train_size": 64, "test_size": 16, "max_length": 16,
+                                                "task": "masked_lm"}) if logit_loss else text
+    teacher, student = models("transformer", bundle)
+    x, y, *_ = next(iter(torch.utils.data.DataLoader(bundle.train, batch_size=16, collate_fn=bundle.train.collate)))
+    padded = x["attention_mask"] == 0
+    assert padded.any()
+    distiller = Distiller(teacher, student, [term_for(name)], example_input=x).eval()  # dropout off
+    changed = {**x, "input_ids": x["input_ids"].masked_fill(padded, 7)}
+    with torch.no_grad():
+        value = distiller(x, y).losses[name]
+        assert torch.allclose(distiller(changed, y).losses[name], value, rtol=1e-6, atol=1e-9)
+        # the same change at a real token does change the value: the check can fail
+        shifted = torch.where(padded, x["input_ids"], (x["input_ids"] + 3) % bundle.text.vocab_size)
+        assert not torch.allclose(distiller({**x, "input_ids": shifted}, y).losses[name], value, rtol=1e-6, atol=1e-9)

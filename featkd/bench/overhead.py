@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from featkd.bench.common import Step, peaks, time_interleaved
+from featkd.capture import call_model, logits_of
+from featkd.data import TextInfo
 from featkd.distiller import Distiller, Term
 from featkd.models import build_model
 
@@ -31,6 +33,61 @@ def feature_names(model: nn.Module) -> dict[str, Any]:
     if not stages or not linear:
         raise ValueError("the benchmark needs models with stages named layer1, layer2, ... and a final linear layer")
     return {"stages": stages, "embedding": f"{linear[-1]}:in"}
+
+
+TEXT_METHODS = ["kd", "distilbert", "minilm", "minilmv2", "tinybert"]
+
+
+def is_text_model(name: str) -> bool:
+    return name.startswith("hf:") or name == "transformer"
+
+
+def text_feature_names(model: nn.Module) -> dict[str, list[str]]:
+    """Per layer of a transformer: its output, its self-attention module and value projection."""
+    from featkd.capture import attention_parts
+    from featkd.text_models import layer_stack
+
+    stack, layers = layer_stack(model)
+    names = {"layers": [f"{stack}.{i}" for i in range(len(layers))], "attention": [], "query": [], "key": [],
+             "value": []}
+    for layer in names["layers"]:
+        for name, module in model.named_modules():
+            if name.startswith(layer + ".") and any(c in dict(module.named_children()) for c in ("value", "v_lin", "v_proj")):
+                query, key, _ = attention_parts(module, name)
+                value = next(c for c in ("value", "v_lin", "v_proj") if hasattr(module, c))
+                names["attention"].append(name)
+                names["query"].append(f"{name}.{query}")
+                names["key"].append(f"{name}.{key}")
+                names["value"].append(f"{name}.{value}")
+                break
+    return names
+
+
+def text_terms_for(method: str, teacher: nn.Module, student: nn.Module) -> list[Term]:
+    """The terms of each method as its paper combines them, on the last layers (MiniLM) or
+    every layer (TinyBERT, mapped uniformly)."""
+    t, s = text_feature_names(teacher), text_feature_names(student)
+    last = lambda names, key: names[key][-1]  # noqa: E731
+    width = lambda m: m.get_input_embeddings().embedding_dim if hasattr(m, "get_input_embeddings") else None  # noqa: E731
+    same_width = width(teacher) == width(student) and width(student) is not None
+    parts = {
+        "kd": [Term("kd", 0.9, temperature=4)],
+        # DistilBERT: soft targets at T = 2 (5), the task loss (2), cosine of the last hidden states (1)
+        "distilbert": [Term("kd", 5.0, temperature=2), Term("hidden_cosine", 1.0, student=last(s, "layers"),
+                                                          teacher=last(t, "layers"),
+                                                          adapter=None if same_width else "linear")],
+        "minilm": [Term("minilm", student=[f"{last(s, 'attention')}:attention", last(s, "value")],
+                        teacher=[f"{last(t, 'attention')}:attention", last(t, "value")])],
+        "minilmv2": [Term("minilmv2", student=[last(s, k) for k in ("query", "key", "value")],
+                          teacher=[last(t, k) for k in ("query", "key", "value")], relation_heads=4)],
+        "tinybert": [Term("hidden_mse", student=s["layers"], teacher=t["layers"], layer_map="uniform"),
+                     Term("attention_mse", student=[f"{a}:scores" for a in s["attention"]],
+                          teacher=[f"{a}:scores" for a in t["attention"]], layer_map="uniform"),
+                     Term("soft_ce")],
+    }
+    chosen = [p for name in method.split("+") for p in parts[name]]
+    ce_weight = {"kd": 0.1, "distilbert": 2.0}.get(method.split("+")[0], 1.0)
+    return [Term("ce", ce_weight), *chosen]
 
 
 def terms_for(method: str, teacher: nn.Module, student: nn.Module) -> list[Term]:
@@ -61,16 +118,31 @@ class _IndexOnly(torch.utils.data.Dataset):
         return torch.zeros(1), self.targets[i]
 
 
+def text_batch(vocab: int, length: int, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random token ids with padding: half the sequences end a quarter early."""
+    ids = torch.randint(1, vocab, (batch, length), device=device)
+    mask = torch.ones_like(ids)
+    mask[: batch // 2, length - length // 4:] = 0
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
 def build(kind: str, teacher: str, student: str, input_shape: list[int], classes: int, batch: int,
-          device: str = "cpu", precision: str = "fp32", channels_last: bool = False) -> Step:
-    """One step of `kind`: "student" (plain training), "teacher" (forward, no grad), or a method."""
+          device: str = "cpu", precision: str = "fp32", channels_last: bool = False, vocab: int = 1000,
+          teacher_args: dict[str, Any] | None = None, student_args: dict[str, Any] | None = None) -> Step:
+    """One step of `kind`: "student" (plain training), "teacher" (forward, no grad), or a method.
+    Text models (`hf:`, `transformer`) take `input_shape` as the sequence length and classify
+    sequences of random tokens."""
     dev = torch.device(device)
     torch.manual_seed(0)
-    t_model = build_model(teacher, classes, input_shape).to(dev).eval()
-    s_model = build_model(student, classes, input_shape).to(dev)
+    text = TextInfo(vocab, input_shape[0]) if is_text_model(teacher) else None
+    t_model = build_model(teacher, classes, input_shape, teacher_args, text=text).to(dev).eval()
+    s_model = build_model(student, classes, input_shape, student_args, text=text).to(dev)
     fmt = torch.channels_last if channels_last and len(input_shape) == 3 else torch.contiguous_format
     t_model, s_model = t_model.to(memory_format=fmt), s_model.to(memory_format=fmt)
-    x = torch.randn(batch, *input_shape, device=dev).to(memory_format=fmt)
+    if text is not None:
+        x: Any = text_batch(vocab, input_shape[0], batch, dev)
+    else:
+        x = torch.randn(batch, *input_shape, device=dev).to(memory_format=fmt)
     y = torch.randint(0, classes, (batch,), device=dev)
     index = torch.randperm(DATASET_SIZE, device=dev)[:batch]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -81,7 +153,7 @@ def build(kind: str, teacher: str, student: str, input_shape: list[int], classes
 
         def teacher_step() -> None:
             with torch.no_grad(), autocast():
-                t_model(x)
+                call_model(t_model, x)
 
         return teacher_step
     if kind == "student":
@@ -90,12 +162,13 @@ def build(kind: str, teacher: str, student: str, input_shape: list[int], classes
         def student_step() -> None:
             optimizer.zero_grad(set_to_none=True)
             with autocast():
-                loss = nn.functional.cross_entropy(s_model(x), y)
+                loss = nn.functional.cross_entropy(logits_of(call_model(s_model, x)), y)
             loss.backward()
             optimizer.step()
 
         return student_step
-    distiller = Distiller(t_model, s_model, terms_for(kind, t_model, s_model), example_input=x)
+    terms = (text_terms_for if text is not None else terms_for)(kind, t_model, s_model)
+    distiller = Distiller(t_model, s_model, terms, example_input=x)
     distiller.prepare_data(_IndexOnly(DATASET_SIZE, classes))
     distiller.train()
     distiller.set_epoch(1)
@@ -122,9 +195,11 @@ class Row:
 
 def run(teacher: str = "torchvision:resnet34", student: str = "torchvision:resnet18", input_shape: tuple = (3, 32, 32),
         classes: int = 100, batch: int = 64, repeats: int = 10, device: str = "cpu", methods: list[str] = METHODS,
-        memory: bool = True, precision: str = "fp32", channels_last: bool = False) -> list[Row]:
+        memory: bool = True, precision: str = "fp32", channels_last: bool = False, vocab: int = 1000,
+        teacher_args: dict[str, Any] | None = None, student_args: dict[str, Any] | None = None) -> list[Row]:
     common = {"teacher": teacher, "student": student, "input_shape": list(input_shape), "classes": classes,
-              "batch": batch, "device": device, "precision": precision, "channels_last": channels_last}
+              "batch": batch, "device": device, "precision": precision, "channels_last": channels_last,
+              "vocab": vocab, "teacher_args": teacher_args, "student_args": student_args}
     kinds = ["student", "teacher", *methods]
     steps = {kind: build(kind, **common) for kind in kinds}
     times = time_interleaved(steps, repeats, torch.device(device))
