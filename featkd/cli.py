@@ -1,6 +1,7 @@
 """The `featkd` command line.
 
     featkd quickstart                         compare KD, FitNets, AT, RKD on digits (3 seeds)
+    featkd quickstart --text                  compare KD, TinyBERT, MiniLM, MiniLMv2 on generated text
     featkd train CONFIG [key=value ...]       one run from a YAML config (--resume RUN_DIR continues one)
     featkd eval CHECKPOINT                    top-1 of a trained model on its test set
     featkd sweep CONFIG --grid k=v1,v2 ...    a grid of overrides x seeds -> results table
@@ -56,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes (default 1)")
     p.add_argument("--smoke", action="store_true", help="every variant on tiny synthetic data, one epoch, one seed")
 
-    p = sub.add_parser("quickstart", help="distil a CNN on digits with KD, FitNets, AT and RKD vs the student alone")
+    p = sub.add_parser("quickstart", help="distil a CNN on digits with KD, FitNets, AT and RKD vs the student alone "
+                                          "(--text: a transformer on generated sentences with KD, TinyBERT, MiniLM, MiniLMv2)")
+    p.add_argument("--text", action="store_true", help="the text quickstart (configs/nlp/compare.yaml)")
     p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. train.epochs=5")
     p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes (default 1)")
@@ -258,6 +261,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         if kind == "models":
             print(f"  {'timm:<name>':<{width}}  any timm model, built without downloading")
             print(f"  {'torchvision:<name>':<{width}}  any torchvision classification model, built without downloading")
+            print(f"  {'hf:<folder or type>':<{width}}  a Hugging Face transformers model from a save_pretrained folder, or "
+                  "a model type (bert, ...) with its config under args (the nlp extra)")
     return 0
 
 
@@ -334,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": cmd_eval,
         "sweep": cmd_sweep,
         "compare": cmd_compare,
-        "quickstart": lambda a: cmd_compare(a, "quickstart_compare"),
+        "quickstart": lambda a: cmd_compare(a, "nlp/compare" if a.text else "quickstart_compare"),
         "inspect": cmd_inspect,
         "list": cmd_list,
         "config": cmd_config,

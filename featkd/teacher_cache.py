@@ -60,6 +60,14 @@ class TeacherCache:
                 "a fixed number of replayable views per sample (data.args.views=N for digits and mnist1d), or "
                 "turn the teacher cache off."
             )
+        per_token = getattr(dataset, "per_token_outputs", False)
+        if getattr(dataset, "collate", None) is not None and (self.settings.features or per_token):
+            kept = "language-model logits" if per_token else f"teacher_cache.features {self.settings.features}"
+            raise ConfigError(
+                f"teacher_cache: text batches are padded to their own longest sequence, so per-token teacher outputs "
+                f"({kept}) change shape from batch to batch and cannot be kept per sample. Cache a classifier's "
+                "logits only (no teacher_cache.features), or turn the cache off."
+            )
         self.views, self.samples = int(views), len(dataset)
         self.filled = None
         self.logits = [None] * self.num_teachers

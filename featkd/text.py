@@ -368,6 +368,8 @@ class CausalLMDataset(TokenDataset):
     """
 
     replayable_views = 1
+    #: labels, and a model's outputs, are per token (their length varies with the batch)
+    per_token_outputs = True
 
     def __getitem__(self, index: int) -> tuple:
         inputs = self.sequences[index]
@@ -388,6 +390,8 @@ class MaskedLMDataset(TokenDataset):
     (`replayable_views` is None). With `seed`, item i's masking is fixed by (seed, i): evaluation
     sets measure the same masked positions every time.
     """
+
+    per_token_outputs = True
 
     def __init__(self, sequences: Sequence[Any], tokenizer: TextTokenizer, probability: float = 0.15,
                  seed: int | None = None) -> None:

@@ -98,3 +98,18 @@ def test_crd_memory_banks_hold_every_processs_samples_and_agree_across_ranks(tmp
         assert torch.equal(final, ranks[1]["final"][name]), name
     assert torch.equal(ranks[0]["final"]["normalizers"], ranks[1]["final"]["normalizers"])
     assert (ranks[0]["final"]["normalizers"] > 0).all()
+
+
+def test_text_two_processes_equal_one_despite_each_padding_its_own_batch(tmp_path):
+    """Each process pads its half batch to its own longest sentence, one process the whole batch
+    to the longest of all: with padding masked everywhere, the same steps result."""
+    text = [str(ROOT / "configs" / "nlp" / "kd.yaml"), "logger=none", "progress=false",
+            "data.args.train_size=256", "data.args.test_size=64", "data.args.validation_size=0",
+            "teacher.args.dropout=0", "student.args.dropout=0", "teacher.train.epochs=1", "train.epochs=1"]
+    torchrun("-m", "featkd.cli", "train", *text, f"output_dir={tmp_path / 'two'}", "data.batch_size=32")
+    featkd_train(*text, f"output_dir={tmp_path / 'one'}", "data.batch_size=64")
+    runs = [next((tmp_path / n).glob("nlp-kd-*")) for n in ("two", "one")]
+    two, one = (load_checkpoint(run / "checkpoints" / "last.pt") for run in runs)
+    assert two["step"] == one["step"] == 4
+    for key in one["model"]:
+        torch.testing.assert_close(two["model"][key], one["model"][key], rtol=1e-4, atol=1e-5)

@@ -37,6 +37,18 @@ def folders(tmp_path_factory):
     return root
 
 
+def written(path, config, changes):
+    """`config` with `changes` (dotted keys) applied, written to `path`."""
+    for key, value in changes.items():
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def write_config(tmp_path, folders, **changes):
     config = {
         "name": "hf-distil", "output_dir": str(tmp_path / "runs"), "logger": {"name": "none"}, "progress": False,
@@ -54,15 +66,7 @@ def write_config(tmp_path, folders, **changes):
                                         "bert.encoder.layer.1.attention.self.value"]}},
         "train": {"epochs": 2, "optimizer": {"name": "adamw", "lr": 1e-3}},
     }
-    for key, value in changes.items():
-        node = config
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return written(tmp_path / "config.yaml", config, changes)
 
 
 def test_hf_teacher_and_student_from_local_folders_train_end_to_end(tmp_path, folders, capsys):
@@ -117,15 +121,7 @@ def text_config(tmp_path, **changes):
               "teacher": {"model": "transformer", "args": {"layers": 2, "hidden": 32}, "train": {"epochs": 1}},
               "student": {"model": "transformer", "args": {"layers": 1, "hidden": 32}},
               "loss": {"token_kd": {}}, "train": {"epochs": 1}}
-    for key, value in changes.items():
-        node = config
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    path = tmp_path / "text.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return written(tmp_path / "text.yaml", config, changes)
 
 
 def bad_text(tmp_path, capsys, **changes) -> str:
@@ -154,3 +150,20 @@ def test_sequences_longer_than_the_model_takes(tmp_path, capsys):
 
 def test_an_image_model_on_text_data(tmp_path, capsys):
     assert "tokenised text" in bad_text(tmp_path, capsys, **{"student.model": "cnn_small", "student.args": {}})
+
+
+def test_the_teacher_cache_serves_a_classifiers_logits_and_refuses_per_token_outputs(tmp_path, capsys):
+    from featkd.config import load_config
+    from featkd.trainer import train
+
+    tiny = [f"output_dir={tmp_path}", "logger=none", "progress=false", "data.args.train_size=64",
+            "data.args.test_size=16", "data.args.validation_size=0", "teacher.train.epochs=1", "train.epochs=2"]
+    cached = train(load_config("nlp/kd", [*tiny, "teacher_cache.enabled=true", "teacher_cache.dtype=fp32"]))
+    plain = train(load_config("nlp/kd", tiny))
+    assert cached.student.last_acc == plain.student.last_acc
+    kd = [[json.loads(line).get("train/loss/kd") for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["stage"] == "distill"] for run in (cached, plain)]
+    assert len(kd[0]) == 2 and kd[0] == pytest.approx(kd[1], rel=1e-6)
+    features = "teacher_cache.features=[encoder.layer.3.attention.self:attention,encoder.layer.3.attention.self.value]"
+    assert main(["train", "nlp/minilm", *tiny, "teacher_cache.enabled=true", features]) == 2
+    assert "padded to their own longest sequence" in capsys.readouterr().err
