@@ -164,6 +164,19 @@ def test_bench_overhead_measures_each_step_against_its_bound(tmp_path, capsys):
     assert rows["rkd"]["peak_mib"] >= 0 and rows["student"]["ratio"] is None  # tiny models: a few pages at most
 
 
+def test_bench_overhead_on_text_models_runs_the_text_methods(tmp_path, capsys):
+    out = tmp_path / "text.json"
+    assert main(["bench", "--teacher", "transformer", "--teacher-args", '{"layers": 2, "hidden": 32}',
+                 "--student", "transformer", "--student-args", '{"layers": 1, "hidden": 32}', "--input-shape", "16",
+                 "--vocab", "100", "--classes", "2", "--batch", "4", "--repeats", "1", "--no-memory",
+                 "--json", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"student", "teacher", "kd", "distilbert", "minilm", "minilmv2", "tinybert"}
+    assert all(rows[m]["ratio"] > 0 for m in ("distilbert", "minilm", "tinybert"))
+    assert main(["bench", "--teacher", "transformer", "--teacher-args", "[1]"]) == 2
+    assert "give a JSON object" in capsys.readouterr().err
+
+
 def test_bench_scaling_and_cache_suites(tmp_path, capsys):
     assert main(["bench", "scaling", "--batches", "16,32", "--repeats", "1"]) == 0
     printed = capsys.readouterr().out
