@@ -167,3 +167,11 @@ def test_the_teacher_cache_serves_a_classifiers_logits_and_refuses_per_token_out
     features = "teacher_cache.features=[encoder.layer.3.attention.self:attention,encoder.layer.3.attention.self.value]"
     assert main(["train", "nlp/minilm", *tiny, "teacher_cache.enabled=true", features]) == 2
     assert "padded to their own longest sequence" in capsys.readouterr().err
+
+
+def test_inspect_lists_a_hf_folders_names_with_shapes(folders, capsys):
+    assert main(["inspect", f"hf:{folders / 'teacher'}", "--input-shape", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "12 tokens" in printed and ":attention" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("bert.encoder.layer.1.attention.self.query "))
+    assert "12x32" in row
