@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="built-in name, timm:<name>, torchvision:<name> or hf:<folder>")
     p.add_argument("--input-shape", help="per-sample input shape, e.g. 3,32,32 (default: the model's own); "
                                          "for text models, the sequence length (default 16)")
-    p.add_argument("--vocab-size", type=int, default=1000, help="the built-in transformer's vocabulary (default 1000)")
+    p.add_argument("--vocab-size", type=int, default=1000, help="built-in text models: vocabulary size (default 1000)")
     p.add_argument("--num-classes", type=int, help="classifier size (default 10; 1000 for timm/torchvision)")
     p.add_argument("--depth", type=int, default=None, help="only show names with at most this many dots + 1")
 
@@ -185,7 +185,11 @@ def cmd_compare(args: argparse.Namespace, file: str | None = None) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import inspect
+
     import torch
+
+    import featkd
 
     from featkd.capture import list_modules
     from featkd.models import build_model, default_input_shape
@@ -193,10 +197,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from featkd.text_models import example_text_input
 
     external = ":" in args.model
-    text = args.model.startswith("hf:") or args.model == "transformer"
+    text = args.model.startswith("hf:") or (":" not in args.model and "text" in inspect.signature(
+        featkd.MODELS.get(args.model)).parameters)
     shape = _shape(args.input_shape) if args.input_shape else ((16,) if text else default_input_shape(args.model))
     classes = args.num_classes or (1000 if external and not text else 10)
-    extra = {"vocab_size": args.vocab_size} if args.model == "transformer" else {}
+    extra = {"vocab_size": args.vocab_size} if text and not external else {}
     model = build_model(args.model, classes, shape, extra)
     example = example_text_input(model, length=shape[0]) if text else torch.zeros((2, *shape))
     rows = list_modules(model, example)

@@ -418,7 +418,7 @@ def smoke_config(config: Config, output_dir: str | None = None) -> Config:
     def tiny(section: dict[str, Any]) -> dict[str, Any]:
         if section["name"] not in SHAPES and build_data(section["name"], section.get("args")).text is not None:
             return {**section, "batch_size": 8, "eval_batch_size": 8, "num_workers": 0,
-                    "args": {**(section.get("args") or {}), **text_smoke_args(section["name"])}}
+                    "args": {**(section.get("args") or {}), **text_smoke_args(section["name"], section.get("args"))}}
         if section["name"] in SHAPES:
             classes, shape = SHAPES[section["name"]]
         else:

@@ -383,11 +383,13 @@ def imagenet(root: str = "data/imagenet", augment: bool = True, image_size: int 
 SHAPES = {"cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32)), "imagenet": (1000, (3, 224, 224))}
 
 
-def text_smoke_args(name: str) -> dict[str, int]:
-    """Arguments that shrink text dataset `name` to a few samples (`--smoke`)."""
+def text_smoke_args(name: str, args: dict[str, Any] | None = None) -> dict[str, int]:
+    """Arguments that shrink text dataset `name` to a few samples (`--smoke`); a wrapper that
+    passes its arguments to a dataset it names (`augmented`) is looked through."""
     import inspect
 
-    known = inspect.signature(DATASETS.get(name)).parameters
+    inner = (args or {}).get("dataset")
+    known = inspect.signature(DATASETS.get(inner if isinstance(inner, str) else name)).parameters
     sizes = {"train_size": 16, "test_size": 8, "max_samples": 16}
     return {k: v for k, v in sizes.items() if k in known}
 
@@ -418,3 +420,4 @@ def eval_loader(dataset: Dataset, data: DataConfig) -> DataLoader:
 
 
 from featkd import text  # noqa: E402,F401  (registers the text datasets)
+from featkd import transfer_set  # noqa: E402,F401  (registers the `augmented` dataset: Tang et al.'s transfer set)

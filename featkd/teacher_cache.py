@@ -68,7 +68,8 @@ class TeacherCache:
                 f"({kept}) change shape from batch to batch and cannot be kept per sample. Cache a classifier's "
                 "logits only (no teacher_cache.features), or turn the cache off."
             )
-        self.views, self.samples = int(views), len(dataset)
+        # a set that lists every view as an item (a transfer set) says how many samples it has
+        self.views, self.samples = int(views), int(getattr(dataset, "samples", len(dataset)))
         self.filled = None
         self.logits = [None] * self.num_teachers
         self.features = {}

@@ -24,10 +24,12 @@ from featkd.losses.base import (
 class CrossEntropy(LogitLoss):
     """Cross-entropy with the labels (the task loss; no teacher).
 
-    L = -(1/B) sum_i log softmax(s_i)[y_i], optionally with label smoothing. Token-level logits
-    (B, T, V) with labels (B, T) give the language-modelling loss: the mean over the positions
-    whose label is not -100 (the masked tokens of masked-LM, DistilBERT's L_mlm; padding),
-    0 when a batch has none.
+    L = -(1/B) sum_i log softmax(s_i)[y_i], optionally with label smoothing. Samples labelled
+    -100 have no label and are left out of the mean (the augmented copies of a transfer set,
+    `featkd.transfer_set`); a batch with none labelled gives 0. Token-level logits (B, T, V)
+    with labels (B, T) give the language-modelling loss: the mean over the positions whose
+    label is not -100 (the masked tokens of masked-LM, DistilBERT's L_mlm; padding), 0 when a
+    batch has none.
     """
 
     needs_teacher = False
@@ -44,7 +46,9 @@ class CrossEntropy(LogitLoss):
     ) -> torch.Tensor:
         logits = full_precision(student_logits)
         if logits.dim() <= 2:
-            return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+            if not (targets != IGNORE_INDEX).any():  # no sample of this batch is labelled: 0, not 0/0
+                return logits.sum() * 0.0
+            return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
         if targets.shape != logits.shape[:-1]:
             raise ConfigError(f"ce: token-level logits {tuple(logits.shape)} need labels of shape "
                               f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}.")
