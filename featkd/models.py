@@ -159,13 +159,33 @@ def mlp(num_classes: int, input_shape: Sequence[int], hidden: tuple[int, ...] = 
 
 
 def _timm(name: str, num_classes: int, input_shape: Sequence[int], args: dict[str, Any]) -> nn.Module:
+    """`timm:<name>`, randomly initialised, `in_chans` from the input shape; `args` go to
+    `timm.create_model` (a ViT or DeiT for 8x8 digits: `{img_size: 8, patch_size: 2,
+    embed_dim: 64, depth: 4, num_heads: 4}`).
+
+    DeiT's distilled models (`timm:deit_*_distilled_*`, with a distillation token read by a
+    second classifier `head_dist`) train their two heads separately, as in the paper: in
+    train mode the forward returns (class-head logits, distillation-head logits), so the
+    task loss reads the class head (`logits_of` takes the first) and a DeiT term
+    (`deit_hard`, `deit_soft`) reads `head_dist`; in eval mode it returns the average of the
+    two heads (DeiT's inference). `distilled_training: false` keeps timm's default instead
+    (both heads averaged in training as well), for training such a model without a teacher.
+    """
     import timm
 
+    args = dict(args)
+    distilled_training = args.pop("distilled_training", None)
     if args.get("pretrained"):
         raise ModelError(_NO_DOWNLOAD.format(name=f"timm:{name}"))
     if not timm.is_model(name):
         raise ModelError(f"unknown timm model {name!r}.{did_you_mean(name, timm.list_models())}")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=input_shape[0], **args)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=input_shape[0], **args)
+    if hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(True if distilled_training is None else bool(distilled_training))
+    elif distilled_training is not None:
+        raise ModelError(f"timm:{name} has no distillation token, so `distilled_training` does not apply; it is "
+                         "for DeiT's distilled models (timm:deit_*_distilled_*).")
+    return model
 
 
 def _torchvision(name: str, num_classes: int, input_shape: Sequence[int], args: dict[str, Any]) -> nn.Module:

@@ -22,6 +22,7 @@ from featkd.losses.base import (
     ensemble_mean_logits,
 )
 from featkd.losses.crd import CRDLoss, WithIndex
+from featkd.losses.deit import DeiTHardDistillation, DeiTSoftDistillation, DistillationTokenLoss
 from featkd.losses.feature import (
     ActivationBoundaries,
     AttentionTransfer,

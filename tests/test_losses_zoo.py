@@ -14,6 +14,7 @@ from featkd.losses import (
     FSPLoss, LogitMSE, NSTLoss, ProbabilisticKT, SimilarityPreserving, VIDLoss, WithIndex,
 )
 from featkd.losses.crd import dataset_targets
+from featkd.losses.deit import DistillationTokenLoss
 
 
 def np_softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -362,10 +363,12 @@ def test_pkt_formula_invariances_and_minimum():
 
 
 # pair losses on conv maps that take maps of different channel counts as they are (no adapter,
-# no learned parts); the transformer losses have their own tests (test_losses_language.py)
+# no learned parts); the transformer losses and DeiT's terms on logits have their own tests
+# (test_losses_language.py, test_deit.py)
 UNADAPTED_PAIR_LOSSES = [n for n in LOSSES.names() if issubclass(LOSSES.get(n), FeaturePairLoss)
                          and not LOSSES.get(n).has_shape_dependent_parameters and not LOSSES.get(n).needs_same_shape
-                         and not LOSSES.get(n).batch_keys and LOSSES.get(n).example.models == "cnn"]
+                         and not LOSSES.get(n).batch_keys and LOSSES.get(n).example.models == "cnn"
+                         and not issubclass(LOSSES.get(n), DistillationTokenLoss)]
 
 
 @pytest.mark.parametrize("name", UNADAPTED_PAIR_LOSSES)
