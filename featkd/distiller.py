@@ -30,8 +30,7 @@ from torch import nn
 
 from featkd.adapters import ADAPTERS, infer_layout
 from featkd.capture import FeatureCapture, call_model, eval_mode, logits_of, resolve, token_mask
-from featkd.errors import AdapterError, ConfigError, FeatkdError, did_you_mean
-from featkd.losses import DistillLoss
+from featkd.errors import AdapterError, CaptureError, ConfigError, FeatkdError, did_you_mean
 from featkd.losses.base import PretrainStage, TermInputs
 from featkd.teacher_cache import TeacherCacheSettings
 from featkd.teachers import TeacherOutputs, TeacherPass
@@ -122,7 +121,12 @@ class Distiller(nn.Module):
 
     def _match(self, term: Term, teachers: list[nn.Module]) -> list[Pair]:
         """The term's student features paired in order with its teacher's."""
-        s_specs = resolve(self.student, term.student, "student")
+        try:
+            s_specs = resolve(self.student, term.student, "student")
+        except CaptureError as exc:
+            if not term.module.student_hint:
+                raise
+            raise CaptureError(f"term {term.name!r}: {exc} {term.module.student_hint}") from None
         t_specs = resolve(teachers[term.teacher_index], term.teacher,
                           f"teacher {term.teacher_index}" if len(teachers) > 1 else "teacher")
         pairs = map_layers([s.name for s in s_specs], [t.name for t in t_specs], term.layer_map, term.source.subject)

@@ -61,21 +61,30 @@ class RunFolder:
     def create(cls, config: Config, path: Path | str | None = None) -> Path:
         """A new folder for `config` (named after it and the time, unless `path` is given),
         with the resolved config written into it; on rank 0 only."""
-        if path is None:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            base = Path(config.output_dir) / f"{config.name}-{stamp}"
-            path, n = base, 1
-            while path.exists():
-                n += 1
-                path = base.with_name(f"{base.name}-{n}")
-        path = Path(path)
         try:
+            path = cls._claim_new(config) if path is None else Path(path)
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.yaml").write_text(dump_yaml(with_absolute_paths(config)))
         except OSError as exc:
             raise ConfigError(f"output_dir: cannot create the run folder {str(path)!r} ({exc.strerror or exc}). "
                               "Set output_dir to a folder you can write to.") from None
         return path
+
+    @staticmethod
+    def _claim_new(config: Config) -> Path:
+        """`<output_dir>/<name>-<time>`, or `-2`, `-3`... after it: made with exist_ok=False so
+        that two runs started in the same second never share a folder."""
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(config.output_dir) / f"{config.name}-{stamp}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        path, n = base, 1
+        while True:
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
 
     def relative(self, path: Path) -> str:
         """How state.json names a file: relative to the folder when inside it."""

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from featkd import distributed
@@ -154,6 +155,8 @@ class DistillLoss(nn.Module):
     #: Token-level: `forward` takes `mask=` ((B, T) bool, True at real tokens, or None when
     #: the inputs have no padding) and leaves padding positions out of its value.
     reads_mask: ClassVar[bool] = False
+    #: What the student must offer when a feature the term names is missing (added to the error).
+    student_hint: ClassVar[str] = ""
     #: How to use the loss on the built-in CNNs (see `Example`).
     example: ClassVar[Example] = Example()
 
@@ -271,6 +274,15 @@ def ensemble_log_probs(teacher_logits: TeacherLogits, temperature: float) -> tor
     if len(logs) == 1:
         return logs[0]
     return torch.logsumexp(torch.stack(logs), dim=0) - math.log(len(logs))
+
+
+def softened_kl(student_logits: torch.Tensor, teacher_logits: TeacherLogits, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target term, T^2 KL(softmax(t/T) || softmax(s/T)) averaged over the batch
+    (over the mean of the teachers' softened probabilities when there are several)."""
+    log_p_student = F.log_softmax(full_precision(student_logits) / temperature, dim=1)
+    kl = F.kl_div(log_p_student, ensemble_log_probs(teacher_logits, temperature), reduction="batchmean",
+                  log_target=True)
+    return kl * (temperature * temperature)
 
 
 def ensemble_mean_logits(teacher_logits: TeacherLogits) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from featkd.errors import ConfigError
-from featkd.losses.base import LOSSES, Example, FeaturePairLoss, Shape, full_precision
+from featkd.losses.base import LOSSES, Example, FeaturePairLoss, Shape, full_precision, softened_kl
 
 #: What to use when a DeiT term's student feature is not a distillation head.
 USE_A_DISTILLED_DEIT = (
@@ -45,6 +45,7 @@ class DistillationTokenLoss(FeaturePairLoss):
     example = Example(student="fc", teacher="fc")
     #: The term's name in messages (the registered name of each subclass).
     registry_name = "deit"
+    student_hint = f"DeiT terms read a distillation head. {USE_A_DISTILLED_DEIT}."
 
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
         name = type(self).registry_name
@@ -117,10 +118,7 @@ class DeiTSoftDistillation(DistillationTokenLoss):
         self.temperature = temperature
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        t = self.temperature
-        log_p_student = F.log_softmax(full_precision(student) / t, dim=1)
-        log_p_teacher = F.log_softmax(full_precision(teacher.detach()) / t, dim=1)
-        return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
+        return softened_kl(student, teacher, self.temperature)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"

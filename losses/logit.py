@@ -15,6 +15,7 @@ from featkd.losses.base import (
     ensemble_log_probs,
     ensemble_mean_logits,
     full_precision,
+    softened_kl,
 )
 
 #: The label of positions nothing is predicted for (padding, unmasked tokens of masked-LM).
@@ -79,11 +80,7 @@ class KDLoss(LogitLoss):
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: TeacherLogits, targets: torch.Tensor | None = None
     ) -> torch.Tensor:
-        t = self.temperature
-        log_p_student = F.log_softmax(full_precision(student_logits) / t, dim=1)
-        log_p_teacher = ensemble_log_probs(teacher_logits, t)
-        kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-        return kl * (t * t)
+        return softened_kl(student_logits, teacher_logits, self.temperature)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"

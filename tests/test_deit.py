@@ -177,7 +177,7 @@ def test_a_deit_distiller_step_with_a_cnn_teacher(batch):
 def test_a_student_without_a_distillation_head_is_told_what_to_use(student_name, batch):
     teacher = cnn_teacher()
     student = build_model(student_name, 10, SHAPE, VIT if student_name.startswith("timm:") else None)
-    with pytest.raises(CaptureError, match="student has no module 'head_dist'"):
+    with pytest.raises(CaptureError, match="student has no module 'head_dist'.*distilled DeiT student"):
         Distiller(teacher, student, [Term("deit_hard", student="head_dist", teacher="fc")], example_input=batch[0])
     # a feature that is no distillation head (tokens) says what a DeiT term needs
     with pytest.raises(ConfigError, match=r"distilled DeiT student.*timm:deit_tiny_distilled_patch16_224.*head_dist"):

@@ -223,3 +223,26 @@ def test_checkpoints_of_chosen_epochs_are_kept(tmp_path):
     folder = result.run_dir / "checkpoints"
     assert load_checkpoint(folder / "epoch2.pt")["epoch"] == 2 and load_checkpoint(folder / "last.pt")["epoch"] == 3
     assert load_checkpoint(folder / "teacher-epoch1.pt")["epoch"] == 1
+
+
+def test_runs_of_one_config_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    import threading
+    from datetime import datetime as real_datetime
+
+    from featkd import run_folder
+
+    class FrozenClock:  # every run starts "in the same second"
+        @staticmethod
+        def now():
+            return real_datetime(2026, 1, 1, 12, 0, 0)
+
+    monkeypatch.setattr(run_folder, "datetime", FrozenClock)
+    config = quick(tmp_path)
+    made: list[Path] = []
+    threads = [threading.Thread(target=lambda: made.append(run_folder.RunFolder.create(config))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(made)) == 8
+    assert sorted(p.name for p in made)[0] == f"{config.name}-20260101-120000"
