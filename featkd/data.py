@@ -64,6 +64,11 @@ class DataBundle:
     class_names: list[str] = field(default_factory=list)
     val: Dataset | None = None
     text: TextInfo | None = None
+    #: the text's tokenizer (`featkd.text.TextTokenizer`), which spells ids back into words
+    tokenizer: Any = None
+    #: a part-of-speech tagger that knows this text's words (a function from a sentence's
+    #: words to their tags), for POS-guided augmentation (`featkd.transfer_set`)
+    tagger: Callable[[list[str]], list[str]] | None = None
 
     def example_input(self, batch: int = 1) -> Any:
         """A batch of `batch` inputs of this data's form (zeros, or full-length token ids)."""
@@ -391,6 +396,10 @@ def text_smoke_args(name: str, args: dict[str, Any] | None = None) -> dict[str, 
     inner = (args or {}).get("dataset")
     known = inspect.signature(DATASETS.get(inner if isinstance(inner, str) else name)).parameters
     sizes = {"train_size": 16, "test_size": 8, "max_samples": 16}
+    if (args or {}).get("validation_size"):  # a held-out split stays, small
+        sizes["validation_size"] = 8
+    if (args or {}).get("train_subset"):  # a subset of the 16
+        sizes["train_subset"] = 8
     return {k: v for k, v in sizes.items() if k in known}
 
 

@@ -23,7 +23,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -481,7 +481,8 @@ def _check_task(task: str) -> None:
 
 def text_bundle(train: TextSplit, test: TextSplit, tokenizer: TextTokenizer, *, task: str = "classification",
                 max_length: int = 128, val: TextSplit | None = None, class_names: Sequence[str] = (),
-                mask_probability: float = 0.15, seed: int = 0) -> DataBundle:
+                mask_probability: float = 0.15, seed: int = 0,
+                tagger: Callable[[list[str]], list[str]] | None = None) -> DataBundle:
     """Tokenise the splits (truncating to `max_length`) and wrap them for `task`, so that every
     text dataset, embedded or read from files, gives the same kind of bundle.
 
@@ -522,6 +523,8 @@ def text_bundle(train: TextSplit, test: TextSplit, tokenizer: TextTokenizer, *, 
         val=build(val, "val") if val is not None and len(val) else None,
         text=TextInfo(vocab_size=tokenizer.vocab_size, max_length=max_length, pad_id=tokenizer.pad_id, task=task,
                       tokenizer=tokenizer.source),
+        tokenizer=tokenizer,
+        tagger=tagger,
     )
 
 
@@ -598,6 +601,19 @@ _SHAPES = (
     ("although", 0.20),   # although A , B .   -> B   ("though A , B" as well)
     ("after", 0.15),      # A , although B .   -> A   ("A , though B" as well)
 )
+
+
+#: the grammar's word classes, Penn Treebank style; every other word (links, punctuation,
+#: fillers) is a class of its own, so that POS-guided replacement keeps it
+_GRAMMAR_TAGS = {**dict.fromkeys(NOUNS, "NN"), **dict.fromkeys(POSITIVE + NEGATIVE, "JJ"),
+                 **dict.fromkeys(VERBS, "VB"), **dict.fromkeys(INTENSIFIERS + NEGATIONS, "RB"),
+                 **dict.fromkeys(DETERMINERS, "DT")}
+
+
+def grammar_tagger(words: list[str]) -> list[str]:
+    """Part-of-speech tags of the generated sentiment grammar's words (exact: the grammar
+    knows each word's class). A negation is an adverb like an intensifier, as taggers tag it."""
+    return [_GRAMMAR_TAGS.get(word, word) for word in words]
 
 
 def _clause(rng: random.Random, noun: str, polarity: int) -> list[str]:
@@ -684,7 +700,7 @@ def generate_sentiment(n: int, seed: int = 0, split: str = "train",
 @DATASETS.register("generated_sentiment")
 def generated_sentiment(train_size: int = 2000, test_size: int = 500, validation_size: int = 0, seed: int = 0,
                         max_length: int = 32, task: str = "classification",
-                        mask_probability: float = 0.15) -> DataBundle:
+                        mask_probability: float = 0.15, train_subset: int | None = None) -> DataBundle:
     """Generated English-like movie-review sentences, positive or negative; label needs word order.
 
     Sentences have one or two clauses such as "the acting was not very good , but the score
@@ -705,18 +721,32 @@ def generated_sentiment(train_size: int = 2000, test_size: int = 500, validation
     ones. Ids come from a word vocabulary built from the training sentences. With task
     "masked_lm" or "causal_lm" the same sentences form a corpus for language modelling
     (`mask_probability` of the tokens masked for the former).
+
+    `train_subset: n` trains on the first n of the `train_size` training sentences only; the
+    vocabulary, validation and test sentences stay those of the full draw. A teacher trained
+    on all of them and a student on the subset then share ids and test sentences, and the
+    teacher has never seen a test sentence (a stand-in for a teacher that knows more than the
+    student's labelled data, as a pretrained one does).
+
+    The bundle carries a part-of-speech tagger of the grammar's words (`grammar_tagger`), so
+    that Tang et al.'s POS-guided replacement works on it without a tagger installed.
     """
     _check_task(task)
     for name, size in (("train_size", train_size), ("test_size", test_size), ("validation_size", validation_size)):
         if size < (2 if name != "validation_size" else 0):
             raise DataError(f"generated_sentiment: {name} must be at least {2 if name != 'validation_size' else 0}, "
                             f"got {size}.")
+    if train_subset is not None and not 2 <= train_subset <= train_size:
+        raise DataError(f"generated_sentiment: train_subset must be between 2 and train_size ({train_size}), "
+                        f"got {train_subset}.")
     train_texts, train_labels = generate_sentiment(train_size, seed, "train")
     val_texts, val_labels = generate_sentiment(validation_size, seed, "validation", exclude=train_texts)
     test_texts, test_labels = generate_sentiment(test_size, seed, "test", exclude=train_texts + val_texts)
     tokenizer = WordTokenizer.build(train_texts)
+    if train_subset is not None:
+        train_texts, train_labels = train_texts[:train_subset], train_labels[:train_subset]
     return text_bundle(TextSplit(train_texts, labels=train_labels), TextSplit(test_texts, labels=test_labels),
-                       tokenizer, task=task, max_length=max_length,
+                       tokenizer, task=task, max_length=max_length, tagger=grammar_tagger,
                        val=TextSplit(val_texts, labels=val_labels) if validation_size else None,
                        class_names=["negative", "positive"], mask_probability=mask_probability, seed=seed)
 

@@ -119,7 +119,8 @@ class TransferSet(Dataset):
 
     POS-guided replacement needs a tagger and the words' text: `tagger` (a function from a
     sentence's words to their tags; default: NLTK's tagger when nltk and its tagger data are
-    installed, never downloaded) and a `tokenizer` that can spell its ids. Without either,
+    installed, never downloaded; `with_transfer_set` passes the data's own tagger first) and
+    a `tokenizer` that can spell its ids. Without either,
     the replacement is skipped (those words stay as they are), which is said once with a
     warning and kept in `pos_note`. (The authors' script tags with NLTK too.)
 
@@ -382,16 +383,19 @@ def with_transfer_set(bundle: DataBundle, copies: int = 20, mask_probability: fl
                       pos_probability: float = 0.1, seed: int = 0, *, tokenizer: TextTokenizer | None = None,
                       tagger: Tagger | None = None, schedule: str = "mixed") -> DataBundle:
     """`bundle` with its training set grown into Tang et al.'s transfer set (`TransferSet`);
-    validation and test sets unchanged. Any text classification bundle will do, its tokenizer
-    found from `bundle.text` unless given: a word tokenizer's fixed ids, or the folder of a
-    saved vocabulary or a Hugging Face tokenizer."""
+    validation and test sets unchanged. Any text classification bundle will do; unless given,
+    the tokenizer and the tagger are the bundle's own (generated_sentiment carries its
+    grammar's tagger), the tokenizer otherwise loaded from the folder `bundle.text` names and
+    the tagger NLTK's where it is installed."""
     if bundle.text is None or bundle.text.task != "classification":
         what = "not tokenised text" if bundle.text is None else f"text for task {bundle.text.task!r}"
         raise DataError(f"a transfer set grows a text classification training set; this data is {what}.")
-    if tokenizer is None and bundle.text.tokenizer != "word":
-        tokenizer = load_tokenizer(bundle.text.tokenizer)
+    if tokenizer is None:
+        tokenizer = bundle.tokenizer if bundle.tokenizer is not None or bundle.text.tokenizer == "word" \
+            else load_tokenizer(bundle.text.tokenizer)
     train = TransferSet(bundle.train, copies, mask_probability, ngram_probability, ngram_range, pos_probability,
-                        seed, tokenizer=tokenizer, tagger=tagger, schedule=schedule)
+                        seed, tokenizer=tokenizer, tagger=tagger if tagger is not None else bundle.tagger,
+                        schedule=schedule)
     return dataclasses.replace(bundle, train=train)
 
 

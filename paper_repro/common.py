@@ -79,6 +79,24 @@ def fmt(values: Sequence[float]) -> str:
     return f"{m:.2f} ± {s:.2f}"
 
 
+def forward_ms(models: dict[str, Any], inputs: dict[str, Any], repeats: int = 20) -> dict[str, float]:
+    """Median CPU milliseconds of each model's forward on `inputs` (keyword tensors), without
+    gradients, the models taking turns so that the machine's drifts hit all alike."""
+    import torch
+
+    from featkd.bench.common import time_interleaved
+
+    def forward(model):
+        def step() -> None:
+            with torch.no_grad():
+                model(**inputs)
+        return step
+
+    times = time_interleaved({name: forward(model.eval()) for name, model in models.items()},
+                             3 if SMOKE else repeats, torch.device("cpu"))
+    return {name: seconds * 1e3 for name, seconds in times.items()}
+
+
 def write(folder: Path, markdown: str, summary: dict[str, Any]) -> None:
     """Keep a claim's results: results.md, claim.json, and the results section of its README."""
     if SMOKE:

@@ -60,6 +60,20 @@ def test_generated_sentiment_bundle_is_deterministic_balanced_and_disjoint():
     assert max(len(x) for x in ids_of(a.train)) <= 32
 
 
+def test_a_train_subset_shares_the_full_draws_vocabulary_and_held_out_sentences():
+    full = build_data("generated_sentiment", {"train_size": 400, "test_size": 60, "validation_size": 40})
+    part = build_data("generated_sentiment", {"train_size": 400, "test_size": 60, "validation_size": 40,
+                                              "train_subset": 50})
+    assert ids_of(part.train) == ids_of(full.train)[:50] and len(part.train) == 50
+    assert ids_of(part.test) == ids_of(full.test) and ids_of(part.val) == ids_of(full.val)
+    assert part.tokenizer.tokens == full.tokenizer.tokens
+    # a teacher of the full draw never saw a test sentence the subset's student is tested on
+    assert not {tuple(x) for x in ids_of(full.train)} & {tuple(x) for x in ids_of(part.test)}
+    for bad in (1, 401):
+        with pytest.raises(DataError, match="train_subset must be between 2 and train_size"):
+            build_data("generated_sentiment", {"train_size": 400, "train_subset": bad})
+
+
 def test_labels_depend_on_word_order_and_negation():
     good, bad = "the film was really good", "the acting was bad"
     # same words, different order, different label

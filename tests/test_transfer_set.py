@@ -159,18 +159,45 @@ def test_pos_replacement_keeps_the_tag_with_a_tagger():
             assert all(new in tagged[tag] for new, tag in zip(copy, real(original)))
 
 
-def test_pos_replacement_is_skipped_with_a_note_without_a_tagger_or_words():
+def test_generated_sentiment_brings_its_grammar_tagger_so_pos_replacement_runs_without_nltk():
+    import dataclasses
+
+    from featkd.text import grammar_tagger
+
     base = build_data("generated_sentiment", {"train_size": 40, "test_size": 8})
-    with pytest.warns(UserWarning, match="POS-guided word replacement is skipped"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipped" warning
         train = with_transfer_set(base, copies=2, mask_probability=0.0, pos_probability=1.0,
                                   ngram_probability=0.0).train
-    assert "skipped" in train.pos_note
+    assert train.pos_note is None
+    tokens, changed = base.tokenizer.tokens, 0
+    for sample in range(40):
+        original = [tokens[i] for i in words_of(train[sample])]
+        for v in (1, 2):
+            copy = [tokens[i] for i in words_of(train[sample + v * 40])]
+            assert grammar_tagger(copy) == grammar_tagger(original)  # links, commas, fillers never move
+            changed += sum(a != b for a, b in zip(copy, original))
+    assert changed > 40  # every open-class word is replaced at p = 1 (by itself now and then)
+    assert dataclasses.replace(base, tagger=None).tagger is None
+
+
+def test_pos_replacement_is_skipped_with_a_note_without_a_tagger_or_words():
+    import dataclasses
+
+    base = build_data("generated_sentiment", {"train_size": 40, "test_size": 8})
+    if nltk_tagger() is None:  # data without a tagger of its own, and none installed
+        with pytest.warns(UserWarning, match="POS-guided word replacement is skipped"):
+            train = with_transfer_set(dataclasses.replace(base, tagger=None), copies=2, mask_probability=0.0,
+                                      pos_probability=1.0, ngram_probability=0.0).train
+        assert "tagger is installed" in train.pos_note
+        assert all(torch.equal(train[i][0]["input_ids"], train[i % 40][0]["input_ids"]) for i in range(120))
+    speechless = dataclasses.replace(base, tokenizer=None)  # ids whose words nobody can spell
+    with pytest.warns(UserWarning, match="POS-guided word replacement is skipped"):
+        train = with_transfer_set(speechless, copies=2, mask_probability=0.0, pos_probability=1.0,
+                                  ngram_probability=0.0).train
+    assert "words' text is unknown" in train.pos_note
     assert all(torch.equal(train[i][0]["input_ids"], train[i % 40][0]["input_ids"]) for i in range(120))
-    if nltk_tagger() is None:
-        assert "tagger" in train.pos_note
-    else:
-        assert "tokenizer" in train.pos_note  # the word vocabulary is not kept with the data
-    quiet = with_transfer_set(base, copies=2, pos_probability=0.0).train
+    quiet = with_transfer_set(speechless, copies=2, pos_probability=0.0).train
     assert quiet.pos_note is None
 
 
