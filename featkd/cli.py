@@ -10,6 +10,9 @@
     featkd list [losses|models|...]           what the registries hold
     featkd config CONFIG [key=value ...]      print the resolved, validated config
     featkd bench [SUITE]                      benchmarks that print numbers (overhead, scaling, cache, rkd-angle)
+    featkd bench deploy RUN_DIR               teacher, student and its exports: top-1, size, CPU latency
+    featkd export RUN_DIR --format onnx       the student as ONNX or TorchScript (--quantize int8), with a model card
+    featkd predict EXPORT_DIR INPUTS          run an exported student on a .npy of samples or a .txt of texts
 
 Bad input (an unknown key, loss, model, feature name, a missing file) prints one message
 saying what was wrong and what to do, and exits with code 2.
@@ -76,10 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", choices=KINDS, help="one kind (default: all)")
 
     p = sub.add_parser("bench", help="benchmarks that print numbers (and write them as JSON)")
-    p.add_argument("suite", nargs="?", default="overhead", choices=["overhead", "scaling", "cache", "rkd-angle"],
+    p.add_argument("suite", nargs="?", default="overhead",
+                   choices=["overhead", "scaling", "cache", "rkd-angle", "deploy"],
                    help="overhead (default): step time and memory per method vs student step + teacher forward; "
                         "scaling: relational losses vs batch size; cache: epoch times with the teacher cache; "
-                        "rkd-angle: direct vs Gram-matrix RKD angle")
+                        "rkd-angle: direct vs Gram-matrix RKD angle; deploy RUN_DIR: a run's teacher, student "
+                        "and its exports side by side")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="deploy: the run folder")
+    p.add_argument("--threads", type=int, default=None, help="deploy: CPU threads for timing (default torch's)")
     p.add_argument("--teacher", default="torchvision:resnet34",
                    help="image model, or a text model (hf:<folder or type>, transformer): then the text methods")
     p.add_argument("--student", default="torchvision:resnet18")
@@ -98,6 +105,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="overhead: skip the peak-memory subprocesses")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="also write the results to this JSON file")
+
+    p = sub.add_parser("export", help="export a run's student to ONNX or TorchScript, with a model card and a "
+                                      "parity report")
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a finished run folder, or a checkpoint file")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--quantize", choices=["int8"], help="int8 with ONNX Runtime's quantizer (ONNX only)")
+    p.add_argument("--out", help="the export folder (default: RUN_DIR/export-<format>[-int8])")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the latency measured in the card")
+
+    p = sub.add_parser("predict", help="classify inputs with an exported student")
+    p.add_argument("export_dir", metavar="EXPORT_DIR", help="a folder written by `featkd export`")
+    p.add_argument("inputs", metavar="INPUTS", help="a .npy array of samples, or a .txt file of one text per line")
+    p.add_argument("--top", type=int, default=1, help="show the K most likely classes (default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
 
     p = sub.add_parser("config", help="print a config after merging bases and overrides, validated")
     p.add_argument("config")
@@ -276,6 +298,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from featkd.bench import common
 
+    if args.suite == "deploy":
+        return _bench_deploy(args)
+    elif args.run_dir is not None:
+        from featkd.errors import ConfigError
+
+        raise ConfigError(f"featkd bench {args.suite} takes no run folder; did you mean `featkd bench deploy "
+                          f"{args.run_dir}`?")
     shape = _shape(args.input_shape)
     if args.suite == "overhead":
         from featkd.bench import overhead
@@ -316,6 +345,70 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_deploy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from featkd.bench import common, deploy
+    from featkd.errors import ExportError
+
+    if args.run_dir is None:
+        raise ExportError("featkd bench deploy needs a run folder: featkd bench deploy runs/<name>-<time>")
+    settings = {"run_dir": args.run_dir, "batch_sizes": [1, 32], "repeats": args.repeats or 30,
+                "threads": args.threads}
+    rows = deploy.run(args.run_dir, tuple(settings["batch_sizes"]), settings["repeats"], args.threads)
+    deploy.report(rows, settings)
+    print(f"machine: {common.machine()}")
+    path = args.json or str(Path(args.run_dir) / "deploy.json")
+    common.write_json(path, "deploy", deploy.to_json(rows), settings=settings)
+    print(f"written to {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from featkd.deploy.export import Quantization, export
+
+    result = export(args.source, args.format, args.quantize, args.out, args.overwrite, threads=args.threads)
+    p, card = result.parity, result.card
+    print(f"exported     {result.folder}  ({card['format']}, {card['exporter']})")
+    if card["quantization"]:
+        q = card["quantization"]
+        print(f"int8         {Quantization(q['method'], q['int8'], q['fp32']).describe()}")
+    print(f"parity       {p['samples']} test samples: top-1 {p['exported_top1']:.2f}% exported, "
+          f"{p['pytorch_top1']:.2f}% PyTorch; same top-1 on {p['top1_agreement']:.2f}%; "
+          f"max |logit| difference {p['max_abs_logit_difference']:.2e}"
+          + (f" ({'ok' if p['passed'] else 'ABOVE'} the fp32 tolerance {p['tolerance']:.0e})" if "passed" in p else ""))
+    measured = card.get("measured")
+    if measured:
+        e, t = measured["export"], measured["pytorch_fp32"]
+        print(f"size         {e['file_mb']:.3f} MB exported, {t['file_mb']:.3f} MB of fp32 weights")
+        for b in (1, 32):
+            print(f"batch {b:<6} {e[f'latency_b{b}_median_ms']:.3f} ms exported, "
+                  f"{t[f'latency_b{b}_median_ms']:.3f} ms PyTorch (median, CPU, {e['threads']} threads)")
+        for note in measured["notes"]:
+            print(f"note         {note}")
+    if not result.passed:
+        print("featkd: error: the fp32 export does not match the PyTorch student within the tolerance; see "
+              f"{result.folder / 'parity.json'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from featkd.deploy.predict import Predictor
+
+    predictions = Predictor(args.export_dir).predict_file(args.inputs, top=args.top)
+    for p in predictions:
+        if args.json:
+            print(json.dumps({"index": p.index, "label": p.label, "probability": p.probability,
+                              "top": [[label, prob] for label, prob in p.top]}))
+        else:
+            ranked = "  ".join(f"{label} {prob:.3f}" for label, prob in p.top)
+            print(f"{p.index}\t{ranked}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from featkd.config import dump_yaml, load_config
 
@@ -349,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "list": cmd_list,
         "config": cmd_config,
         "bench": cmd_bench,
+        "export": cmd_export,
+        "predict": cmd_predict,
     }
     try:
         return handlers[args.command](args)

@@ -144,6 +144,24 @@ class TermConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class MeasureConfig(_Strict):
+    """What a finished run measures of its student and teachers beside top-1 (summary.json, W&B):
+    parameters, multiply-adds and weights size always; CPU inference latency at `batch_sizes`
+    (median and 90th percentile of `repeats` timed calls after `warmup`, on `threads` threads,
+    default torch's count) unless `latency: false`. `measure: false` is short for that."""
+
+    latency: bool = True
+    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 32])
+    repeats: PositiveInt = 30
+    warmup: NonNegativeInt = 5
+    threads: PositiveInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flag(cls, value: Any) -> Any:
+        return {"latency": value} if isinstance(value, bool) else value
+
+
 class TeacherCacheConfig(_Strict):
     """Keep the teachers' outputs per training view and reuse them (`teacher_cache: true`)."""
 
@@ -246,6 +264,7 @@ class Config(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     nonfinite: Literal["error", "skip"] = "error"
     teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
+    measure: MeasureConfig = Field(default_factory=MeasureConfig)
     channels_last: bool = False
     compile: bool | str = False
     logger: LoggerConfig = Field(default_factory=LoggerConfig)
@@ -409,8 +428,8 @@ def smoke_config(config: Config, output_dir: str | None = None) -> Config:
     shrink to 64x64; a validation split stays, of 8 samples), text keeps its tokenizer with
     a few samples, every stage runs one epoch,
     checkpoints and pretrained files to load are dropped (the models train briefly instead),
-    nothing is logged, and steps whose loss is not finite are skipped (a smoke run checks the
-    wiring, on noise, not the numbers)."""
+    nothing is logged, latency is not measured, and steps whose loss is not finite are
+    skipped (a smoke run checks the wiring, on noise, not the numbers)."""
     from featkd.data import SHAPES, build_data, text_smoke_args
 
     data = config.to_dict()
@@ -445,7 +464,8 @@ def smoke_config(config: Config, output_dir: str | None = None) -> Config:
             out[name] = term
         return out
 
-    data.update(data=tiny(data["data"]), logger={"name": "none"}, progress=False, compile=False, nonfinite="skip")
+    data.update(data=tiny(data["data"]), logger={"name": "none"}, progress=False, compile=False, nonfinite="skip",
+                measure={**data.get("measure", {}), "latency": False})
     if "train" in data:
         data.update(train=short(data["train"]), loss=loss(data["loss"]))
     for teacher in data.get("teacher") or []:

@@ -60,3 +60,7 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     if not found:
         return ""
     return " Did you mean " + " or ".join(repr(f) for f in found) + "?"
+
+
+class ExportError(FeatkdError, ValueError):
+    """A model cannot be exported or quantized (unfinished run, unsupported op, existing folder, ...)."""

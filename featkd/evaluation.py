@@ -143,8 +143,8 @@ def multiply_adds(model: nn.Module, example: Any, device: torch.device) -> int |
 def evaluate_checkpoint(path: str | Path, device_name: str = "auto") -> dict[str, Any]:
     """Top-1 of the model in a featkd checkpoint on the test set of the config it was trained with."""
     from featkd.config import validate
-    from featkd.data import TextInfo, build_data, make_loaders
-    from featkd.models import build_model, count_parameters
+    from featkd.data import build_data, make_loaders
+    from featkd.models import count_parameters, model_from_checkpoint
     from featkd.runtime import resolve_device
 
     payload = load_checkpoint(path)
@@ -153,11 +153,7 @@ def evaluate_checkpoint(path: str | Path, device_name: str = "auto") -> dict[str
     config = validate(payload["config"])
     device = resolve_device(device_name)
     bundle = build_data(config.data.name, config.data.args)
-    text = TextInfo(**payload["text"]) if payload.get("text") else None
-    model = build_model(payload["model_name"], payload["num_classes"], payload["input_shape"], payload["model_args"],
-                        text=text)
-    model.load_state_dict(payload["model"])
-    model.to(device)
+    model = model_from_checkpoint(payload).to(device)
     _, test_loader = make_loaders(bundle.train, bundle.test, config.data, config.seed)
     result = evaluate(model, test_loader, device)
     return {"checkpoint": str(path), "model": payload["model_name"], "stage": payload.get("stage"),

@@ -266,6 +266,22 @@ def build_model(
     return model
 
 
+def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
+    """The model a featkd checkpoint holds (a `load_checkpoint` payload): rebuilt from the
+    record the trainer keeps with it (name, arguments, classes, input shape, text) and loaded
+    with its weights."""
+    from featkd.data import TextInfo
+
+    if "model_name" not in payload or "model" not in payload:
+        raise CheckpointError("the checkpoint does not record its model (no model_name); it was not written by a "
+                              "featkd run.")
+    text = TextInfo(**payload["text"]) if payload.get("text") else None
+    model = build_model(payload["model_name"], payload["num_classes"], payload["input_shape"],
+                        payload.get("model_args"), text=text)
+    model.load_state_dict(payload["model"])
+    return model
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from a plain weights file or a featkd checkpoint (safely)."""
     path = Path(path)

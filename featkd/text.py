@@ -76,6 +76,10 @@ class TextTokenizer:
     def encode(self, text: str, pair: str | None = None, max_length: int | None = None) -> dict[str, list[int]]:
         raise NotImplementedError
 
+    def save(self, folder: str | Path) -> Path:
+        """Write the tokenizer to `folder` so that `load_tokenizer(folder)` gives it back."""
+        raise NotImplementedError
+
     def encode_batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
                      max_length: int | None = None) -> list[dict[str, list[int]]]:
         """Encode many texts at once (Hugging Face tokenizers are much faster this way)."""
@@ -231,6 +235,10 @@ class HFTokenizer(TextTokenizer):
     def max_length_limit(self) -> int | None:
         limit = getattr(self.tokenizer, "model_max_length", None)
         return int(limit) if limit is not None and limit < 1_000_000_000 else None
+
+    def save(self, folder: str | Path) -> Path:
+        self.tokenizer.save_pretrained(str(folder))
+        return Path(folder)
 
     def encode(self, text: str, pair: str | None = None, max_length: int | None = None) -> dict[str, list[int]]:
         return self.encode_batch([text], None if pair is None else [pair], max_length)[0]

@@ -352,7 +352,8 @@ class Run:
         teachers = [(self.plan.models[k].model if k in self.plan.models else "specialists", self.models[k])
                     for k in final.teachers]
         return measure(self.folder.path, self.results, final.name, self.models[final.model], teachers, test_loader,
-                       self.bundle.example_input(1), self.device, self.config.precision, self.config.channels_last)
+                       self.bundle.example_input(1), self.device, self.config.precision, self.config.channels_last,
+                       self.config.measure)
 
 
 def train(config: Config, run_dir: Path | str | None = None, verbose: bool = True, resume: bool = False) -> RunResult:

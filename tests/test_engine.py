@@ -144,9 +144,22 @@ def test_eval_command_reproduces_the_runs_accuracy(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope.pt")]) == 2
 
 
-def test_the_summary_counts_parameters_and_multiply_adds(tmp_path, capsys):
-    assert main(["train", "configs/quickstart.yaml", f"output_dir={tmp_path}", *QUICK]) == 0
+def test_the_summary_measures_size_and_cpu_latency_of_student_and_teacher(tmp_path, capsys):
+    assert main(["train", "configs/quickstart.yaml", f"output_dir={tmp_path}", *QUICK,
+                 "measure={batch_sizes: [1, 8], repeats: 5, warmup: 1, threads: 1}"]) == 0
     out = capsys.readouterr().out
-    assert "multiply-adds" in out and "agreement" in out
+    assert "multiply-adds" in out and "agreement" in out and "student / teacher" in out and "1 thread," in out
     summary = json.loads(next(tmp_path.glob("quickstart-*/summary.json")).read_text())["run"]
-    assert summary["student_macs"] > 0 and summary["teacher_macs"][0] > 10 * summary["student_macs"]
+    student, teacher = ({k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(who + "/")}
+                        for who in ("student", "teacher"))
+    assert student["multiply_adds"] > 0 and teacher["multiply_adds"] > 10 * student["multiply_adds"]
+    assert teacher["parameters"] > 10 * student["parameters"]
+    # the weights file: 4 bytes a float32 parameter and buffer, and a little framing
+    assert 4 * student["parameters"] < student["file_mb"] * 2**20 < 4 * student["parameters"] + 64 * 1024
+    for who in (student, teacher):
+        assert who["threads"] == 1
+        for batch in (1, 8):
+            assert 0 < who[f"latency_b{batch}_median_ms"] <= who[f"latency_b{batch}_p90_ms"]
+    assert summary["student_vs_teacher/parameters"] == pytest.approx(student["parameters"] / teacher["parameters"])
+    assert summary["student_vs_teacher/latency_b8_median_ms"] == pytest.approx(
+        student["latency_b8_median_ms"] / teacher["latency_b8_median_ms"])

@@ -73,7 +73,7 @@ def test_hf_teacher_and_student_from_local_folders_train_end_to_end(tmp_path, fo
     assert main(["train", str(write_config(tmp_path, folders))]) == 0
     run = next((tmp_path / "runs").glob("hf-distil-*"))
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["distill"]["student_params"] < summary["distill"]["teacher_params"][0]
+    assert summary["distill"]["student/parameters"] < summary["distill"]["teacher/parameters"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     distill = [r for r in records if r["stage"] == "distill"]
     assert {"train/raw/minilm/attention", "train/raw/minilm/value_relation", "train/loss/hidden_cosine"} <= set(distill[-1])

@@ -40,7 +40,7 @@ def test_a_teacher_assistant_chain_trains_each_model_from_the_previous_one(tmp_p
     # each stage's model was saved, and the assistant's checkpoint is what taught the student
     assistant = load_checkpoint(result.run_dir / "checkpoints" / "assistant-last.pt")
     assert assistant["model_args"] == {"widths": [16, 32], "blocks": [2, 2]}
-    assert result.teacher_models == ["cnn"] and result.teacher_params[0] == sum(
+    assert result.teacher_models == ["cnn"] and result.teacher_footprints[0].parameters == sum(
         v.numel() for k, v in assistant["model"].items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert (result.run_dir / "checkpoints" / "last.pt").is_file()
     state = json.loads((result.run_dir / "state.json").read_text())["stages"]

@@ -175,7 +175,9 @@ def test_wandb_gets_the_flat_config_grouping_and_every_term(tmp_path, monkeypatc
     assert steps == sorted(steps) and len(steps) == 2
     assert distill.summary["last_acc"] == pytest.approx(result.student.last_acc)
     assert distill.summary["agreement"] == pytest.approx(result.agreement)
-    assert distill.summary["student_macs"] == result.student_macs > 0
+    assert distill.summary["student/multiply_adds"] == result.student_macs > 0
+    assert distill.summary["student_vs_teacher/parameters"] == pytest.approx(
+        result.student_params / result.teacher_footprints[0].parameters)
 
 
 def test_wandb_offline_run_is_written_without_network(tmp_path):

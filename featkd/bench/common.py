@@ -33,8 +33,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict[str, Step], repeats: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each step, the steps taking turns so drifts of the machine hit all alike."""
+def time_samples(steps: dict[str, Step], repeats: int, device: torch.device, warmup: int = 2
+                 ) -> dict[str, list[float]]:
+    """Seconds of each call of each step, the steps taking turns so drifts of the machine hit all alike."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -47,7 +48,12 @@ def time_interleaved(steps: dict[str, Step], repeats: int, device: torch.device,
             step()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def time_interleaved(steps: dict[str, Step], repeats: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each step, the steps taking turns (`time_samples`)."""
+    return {name: statistics.median(values) for name, values in time_samples(steps, repeats, device, warmup).items()}
 
 
 def _resident_bytes() -> int:

@@ -1,0 +1,1 @@
+"""The student as a deliverable: its measured footprint, export and int8 quantization."""
