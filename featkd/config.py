@@ -81,7 +81,8 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     """How one model is trained: epochs, optimizer, schedule, clipping, accumulation; the
     checkpoints of the epochs in `checkpoint_epochs` are kept (`<stage>-epoch<N>.pt`, or `epoch<N>.pt`
-    for the final stage), e.g. for an early-stopped teacher."""
+    for the final stage), e.g. for an early-stopped teacher; `quantization_aware` fine-tunes
+    it for int8 (the stage's teachers stay in fp32 and keep distilling)."""
 
     epochs: PositiveInt = 30
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -89,6 +90,8 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(default=None, gt=0)
     accumulate: PositiveInt = 1
     checkpoint_epochs: list[PositiveInt] = Field(default_factory=list)
+    #: train the model as int8 will run it (fake-quantized linear and conv layers, `featkd.deploy.qat`)
+    quantization_aware: bool = False
 
 
 class ModelConfig(_Strict):

@@ -13,6 +13,7 @@ is described in `featkd.run_folder`; the outcome in `featkd.summary`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -29,6 +30,7 @@ from featkd import specialists as sp
 from featkd.checkpoint import load_checkpoint, save_checkpoint
 from featkd.config import Config, DataConfig, ModelConfig, TrainConfig
 from featkd.data import DataBundle, build_data, collate_of, eval_loader, make_loaders
+from featkd.deploy.qat import quantization_aware
 from featkd.distiller import Distiller, Term
 from featkd.engine import StageResult, StageSettings, StopRequest, fit, restore_weights
 from featkd.errors import CheckpointError, ConfigError, FeatkdError
@@ -231,7 +233,8 @@ class Run:
         model.requires_grad_(True)  # it may have taught in an earlier stage, frozen
         if spec.from_teacher is not None and self.folder.resume_point(stage.name) is None:
             self.initialise_from_teacher(stage)
-        with frozen(model, stage.freeze, stage.unfreeze), self.distiller(stage) as distiller:
+        int8 = quantization_aware(model) if stage.train.quantization_aware else contextlib.nullcontext()
+        with frozen(model, stage.freeze, stage.unfreeze), int8, self.distiller(stage) as distiller:
             if config.compile:  # after the hooks are in place: compiled graphs keep them
                 backend = "inductor" if config.compile is True else config.compile
                 for module in [model, *teachers]:
