@@ -78,11 +78,21 @@ class DataConfig(_Strict):
     _expand = _shorthand("name")
 
 
+class PruneConfig(_Strict):
+    """Global magnitude pruning in a stage (`featkd.deploy.prune`): reach `sparsity` (the
+    fraction of conv and linear weights set to zero) over the first `epochs` epochs on a cubic
+    schedule; `keep` lists module-name globs left dense (e.g. the classifier, `fc`)."""
+
+    sparsity: float = Field(gt=0, lt=1)
+    epochs: PositiveInt = 1
+    keep: list[str] = Field(default_factory=list)
+
+
 class TrainConfig(_Strict):
     """How one model is trained: epochs, optimizer, schedule, clipping, accumulation; the
     checkpoints of the epochs in `checkpoint_epochs` are kept (`<stage>-epoch<N>.pt`, or `epoch<N>.pt`
     for the final stage), e.g. for an early-stopped teacher; `quantization_aware` fine-tunes
-    it for int8 (the stage's teachers stay in fp32 and keep distilling)."""
+    it for int8 and `prune` prunes it by magnitude (the stage's teachers keep distilling).""" 
 
     epochs: PositiveInt = 30
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -92,6 +102,8 @@ class TrainConfig(_Strict):
     checkpoint_epochs: list[PositiveInt] = Field(default_factory=list)
     #: train the model as int8 will run it (fake-quantized linear and conv layers, `featkd.deploy.qat`)
     quantization_aware: bool = False
+    #: prune the model's weights by magnitude during the stage (`featkd.deploy.prune`)
+    prune: PruneConfig | None = None
 
 
 class ModelConfig(_Strict):

@@ -96,6 +96,8 @@ class Distiller(nn.Module):
         self.teacher_pass = TeacherPass(teachers, self._teacher_features(len(teachers)), teacher_cache)
         names = [p.student for pairs in self._pairs.values() for p in pairs]
         self._student_capture = FeatureCapture(student, list(dict.fromkeys(names)), "student") if names else None
+        #: called with the epoch by `set_epoch` (a pruning schedule, say)
+        self.epoch_listeners: list[Callable[[int], None]] = []
         self._ready = False
         if example_input is not None:
             self.setup(example_input)
@@ -285,9 +287,12 @@ class Distiller(nn.Module):
         return any(t.module.leaves_parameters_unused for t in self.active_terms())
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell every loss the current epoch (1-based); call it at the start of each epoch."""
+        """Tell every loss, and every listener (a pruning schedule), the current epoch
+        (1-based); call it at the start of each epoch."""
         for term in self.terms:
             term.module.set_epoch(epoch)
+        for listener in self.epoch_listeners:
+            listener(epoch)
 
     def prepare_data(self, dataset: Any) -> Any:
         """The training set wrapped as the losses and the teacher cache need (sample indices)."""

@@ -139,5 +139,7 @@ def _costs(fp: Footprint) -> str:
         parts.append(f"{fp.multiply_adds / 1e6:,.2f}M multiply-adds")
     if fp.file_bytes is not None:
         parts.append(f"{fp.file_bytes / 2**20:.2f} MB")
+    if fp.weight_sparsity:
+        parts.append(f"{100 * fp.weight_sparsity:.1f}% of weights zero")
     parts += [f"b{lat.batch} {lat.median_ms:.2f} ({lat.p90_ms:.2f}) ms" for lat in fp.latency]
     return "  ".join(parts)

@@ -30,6 +30,7 @@ from featkd import specialists as sp
 from featkd.checkpoint import load_checkpoint, save_checkpoint
 from featkd.config import Config, DataConfig, ModelConfig, TrainConfig
 from featkd.data import DataBundle, build_data, collate_of, eval_loader, make_loaders
+from featkd.deploy.prune import magnitude_pruning
 from featkd.deploy.qat import quantization_aware
 from featkd.distiller import Distiller, Term
 from featkd.engine import StageResult, StageSettings, StopRequest, fit, restore_weights
@@ -234,7 +235,11 @@ class Run:
         if spec.from_teacher is not None and self.folder.resume_point(stage.name) is None:
             self.initialise_from_teacher(stage)
         int8 = quantization_aware(model) if stage.train.quantization_aware else contextlib.nullcontext()
-        with frozen(model, stage.freeze, stage.unfreeze), int8, self.distiller(stage) as distiller:
+        prune = stage.train.prune
+        pruning = magnitude_pruning(model, prune.sparsity, prune.epochs, prune.keep) if prune \
+            else contextlib.nullcontext()
+        with frozen(model, stage.freeze, stage.unfreeze), int8, pruning as pruner, \
+                self.distiller(stage) as distiller:
             if config.compile:  # after the hooks are in place: compiled graphs keep them
                 backend = "inductor" if config.compile is True else config.compile
                 for module in [model, *teachers]:
@@ -246,6 +251,8 @@ class Run:
             if resume is None:
                 for term_name, _ in distiller.pretrain_stages():
                     self.run_pretraining(stage, distiller, term_name, train_loader, test_loader, val_loader, spec)
+            if pruner is not None:  # after the methods' pre-training: the stage's own epochs prune
+                distiller.epoch_listeners.append(pruner.set_epoch)
             self.folder.state.update(stage.name, status="running",
                                      checkpoint=self.folder.relative(self.folder.checkpoints(stage.name, stage.final)["last"]))
             logger = self.folder.logger(stage.name, final=stage.final)

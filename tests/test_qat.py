@@ -114,3 +114,58 @@ def test_quantization_aware_is_a_validated_train_setting():
     assert config.train.quantization_aware is True
     with pytest.raises(ConfigError):
         load_config("configs/quickstart.yaml", ["train.quantization_awre=true"])
+
+
+# -- pruning ----------------------------------------------------------------------------------
+
+
+def test_global_magnitude_pruning_follows_the_cubic_schedule_and_keeps_pruned_weights_at_zero():
+    from featkd.deploy.prune import magnitude_pruning, scheduled_sparsity, weight_sparsity
+
+    assert [round(scheduled_sparsity(0.8, 3, e), 4) for e in (1, 2, 3, 4)] == [0.5630, 0.7704, 0.8, 0.8]
+    assert scheduled_sparsity(0.5, 1, 1) == 0.5
+    torch.manual_seed(0)
+    model = build_model("cnn_small", 10, (1, 8, 8))
+    keys = list(model.state_dict())
+    everything = torch.cat([m.weight.detach().abs().flatten() for m in model.modules()
+                            if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not model.fc])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+    with magnitude_pruning(model, 0.8, epochs=3, keep=["fc"]) as pruner:
+        pruner.set_epoch(1)
+        kept = model.fc.weight.detach().clone()
+        layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not model.fc]
+        zeros = sum(int((m.weight == 0).sum()) for m in layers) / sum(m.weight.numel() for m in layers)
+        assert zeros == pytest.approx(0.5630, abs=0.002)
+        # the smallest magnitudes went, across layers (global, not per layer)
+        threshold = torch.kthvalue(everything, int(round(scheduled_sparsity(0.8, 3, 1) * everything.numel()))).values
+        assert all(bool((m.weight[m.weight != 0].abs() > threshold).all()) for m in layers)
+        pruned = [m.weight == 0 for m in layers]
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(8, 1, 8, 8)).sum().backward()
+            optimizer.step()
+        assert all(bool((m.weight[p] == 0).all()) for m, p in zip(layers, pruned))
+        assert not torch.equal(model.fc.weight, kept) and bool((model.fc.weight != 0).all())
+        pruner.set_epoch(3)
+        pruner.set_epoch(3)  # idempotent: a resumed epoch prunes nothing more
+        for _ in range(3):  # the optimizer's momentum for the newly pruned weights does not revive them
+            optimizer.zero_grad()
+            model(torch.randn(8, 1, 8, 8)).sum().backward()
+            optimizer.step()
+        zeros = sum(int((m.weight == 0).sum()) for m in layers) / sum(m.weight.numel() for m in layers)
+        assert zeros == pytest.approx(0.8, abs=0.002)
+    assert list(model.state_dict()) == keys and 0.7 < weight_sparsity(model) < 0.8
+
+
+def test_a_pruned_and_distilled_stage_reports_its_sparsity_and_exports(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from featkd.deploy.export import export
+
+    config = load_config("configs/quickstart.yaml", [
+        f"output_dir={tmp_path}", "logger=none", "progress=false", "measure={latency: false}",
+        "teacher.train.epochs=1", "train.epochs=2", "train.prune={sparsity: 0.6, epochs: 2, keep: [fc]}"])
+    result = train(config)
+    assert 0.5 < result.student_footprint.weight_sparsity < 0.6  # the classifier stays dense
+    assert result.values()["student/weight_sparsity"] == result.student_footprint.weight_sparsity
+    exported = export(result.run_dir, "onnx", measure=False)
+    assert exported.passed

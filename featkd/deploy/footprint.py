@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from featkd.bench.common import time_samples
+from featkd.deploy.prune import weight_sparsity
 
 #: p90 / median above this says the machine was busy while timing
 BUSY_SPREAD = 1.5
@@ -61,6 +62,8 @@ class Footprint:
     latency: list[Latency] = field(default_factory=list)
     #: why a number is missing or doubtful (a busy machine, a counter that could not trace)
     notes: list[str] = field(default_factory=list)
+    #: the fraction of conv and linear weights that are exactly zero (pruning)
+    weight_sparsity: float | None = None
 
     def at(self, batch: int) -> Latency | None:
         return next((lat for lat in self.latency if lat.batch == batch), None)
@@ -69,7 +72,8 @@ class Footprint:
         """Flat plain values: `parameters`, `multiply_adds`, `file_mb`, `latency_b<B>_median_ms`,
         `latency_b<B>_p90_ms`, `threads` (summary.json, W&B summaries, bench tables)."""
         out: dict[str, Any] = {"parameters": self.parameters, "multiply_adds": self.multiply_adds,
-                               "file_mb": None if self.file_bytes is None else self.file_bytes / 2**20}
+                               "file_mb": None if self.file_bytes is None else self.file_bytes / 2**20,
+                               "weight_sparsity": self.weight_sparsity}
         for lat in self.latency:
             out[f"latency_b{lat.batch}_median_ms"] = lat.median_ms
             out[f"latency_b{lat.batch}_p90_ms"] = lat.p90_ms
@@ -83,14 +87,15 @@ class Footprint:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Footprint:
         return cls(data.get("parameters"), data.get("multiply_adds"), data.get("file_bytes"),
-                   [Latency(**lat) for lat in data.get("latency", [])], list(data.get("notes", [])))
+                   [Latency(**lat) for lat in data.get("latency", [])], list(data.get("notes", [])),
+                   data.get("weight_sparsity"))
 
 
 def ratios(student: Footprint, teacher: Footprint) -> dict[str, float]:
     """Student / teacher for every number both have (below 1: the student is smaller or faster)."""
     a, b = student.values(), teacher.values()
     return {key: a[key] / b[key] for key in a
-            if key != "threads" and isinstance(a[key], (int, float)) and isinstance(b.get(key), (int, float))
+            if key not in ("threads", "weight_sparsity") and isinstance(a[key], (int, float)) and isinstance(b.get(key), (int, float))
             and b[key]}
 
 
@@ -166,7 +171,8 @@ def measure_models(models: Mapping[str, nn.Module], inputs: Mapping[int, Any], e
             lat = timed.get(name, [])
             if (note := busy_note(lat)) is not None:
                 notes.append(note)
-            out[name] = Footprint(count_parameters(model), macs, weights_bytes(model), lat, notes)
+            out[name] = Footprint(count_parameters(model), macs, weights_bytes(model), lat, notes,
+                                  weight_sparsity(model))
     finally:
         for name, model in cpu_models.items():
             model.train(modes[name])

@@ -1,0 +1,95 @@
+"""Global magnitude pruning during a stage, with the stage's teachers distilling into the pruned
+student (`train: {prune: {sparsity: 0.8, epochs: 3}}`).
+
+At the start of each of the first `epochs` epochs, the weights of the model's `Conv` and
+`Linear` layers (less the `keep` globs) with the smallest magnitudes across all of them are
+set to zero, up to the sparsity of Zhu & Gupta's (2017) cubic schedule,
+s_e = s (1 - (1 - e / epochs)^3) (one shot at epoch 1 with `epochs: 1`); the remaining epochs
+fine-tune at the final sparsity. A pruned weight's gradient is masked, and the weight is
+set back to zero after every optimizer step (momentum from before it was pruned would move it).
+
+The mask lives in the weights themselves (a weight is pruned when it is exactly zero), not in
+extra state, so state-dict keys, checkpoints, resume and export are those of an unpruned
+model. (`torch.nn.utils.prune` would keep `weight_orig` and `weight_mask` in the state dict
+until made permanent, which every loader of a student would then have to know about.)
+Unstructured sparsity does not make dense kernels faster; it makes the weights compressible,
+and the footprint reports it as `weight_sparsity`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from featkd.capture import glob_to_regex
+
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def prunable_layers(model: nn.Module, keep: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """The layers whose weights are pruned: convolutions and linear layers not matched by a `keep` glob."""
+    kept = [glob_to_regex(pattern) for pattern in keep]
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, PRUNABLE) and not any(r.match(name) for r in kept)}
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """The fraction of exactly-zero weights over the model's convolutions and linear layers."""
+    weights = [m.weight for m in model.modules() if isinstance(m, PRUNABLE)]
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
+
+
+def scheduled_sparsity(final: float, epochs: int, epoch: int) -> float:
+    """Zhu & Gupta's cubic ramp: the sparsity to reach at the start of `epoch` (1-based)."""
+    done = min(epoch, epochs) / epochs
+    return final * (1.0 - (1.0 - done) ** 3)
+
+
+class MagnitudePruner:
+    """Prunes `layers` to the scheduled global sparsity at each epoch start (`set_epoch`)."""
+
+    def __init__(self, layers: dict[str, nn.Module], sparsity: float, epochs: int) -> None:
+        self.layers, self.sparsity, self.epochs = layers, sparsity, epochs
+        self.masks = {name: m.weight.detach() != 0 for name, m in layers.items()}
+        self._handles = [m.weight.register_hook(lambda grad, name=name: grad * self.masks[name])
+                         for name, m in layers.items()]
+        # momentum carries a weight pruned after training began away from zero: put it back
+        self._handles.append(register_optimizer_step_post_hook(lambda optimizer, args, kwargs: self.apply()))
+
+    def apply(self) -> None:
+        """Zero the pruned weights (after every optimizer step)."""
+        with torch.no_grad():
+            for name, m in self.layers.items():
+                m.weight.mul_(self.masks[name])
+
+    def set_epoch(self, epoch: int) -> None:
+        target = scheduled_sparsity(self.sparsity, self.epochs, epoch)
+        weights = [m.weight for m in self.layers.values()]
+        magnitudes = torch.cat([w.detach().abs().flatten().float() for w in weights])
+        prune = int(round(target * magnitudes.numel()))
+        with torch.no_grad():
+            if prune > int((magnitudes == 0).sum()):
+                threshold = torch.kthvalue(magnitudes.cpu(), prune).values.item()
+                for w in weights:
+                    w.masked_fill_(w.abs() <= threshold, 0.0)
+            self.masks = {name: m.weight.detach() != 0 for name, m in self.layers.items()}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextmanager
+def magnitude_pruning(model: nn.Module, sparsity: float, epochs: int = 1, keep: Sequence[str] = ()
+                      ) -> Iterator[MagnitudePruner]:
+    """A pruner of the model for the block; call its `set_epoch` at each epoch start."""
+    pruner = MagnitudePruner(prunable_layers(model, keep), sparsity, epochs)
+    try:
+        yield pruner
+    finally:
+        pruner.close()
