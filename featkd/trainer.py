@@ -238,7 +238,7 @@ class Run:
         prune = stage.train.prune
         pruning = magnitude_pruning(model, prune.sparsity, prune.epochs, prune.keep) if prune \
             else contextlib.nullcontext()
-        with frozen(model, stage.freeze, stage.unfreeze), int8, pruning as pruner, \
+        with frozen(model, stage.freeze, stage.unfreeze), int8 as quantized, pruning as pruner, \
                 self.distiller(stage) as distiller:
             if config.compile:  # after the hooks are in place: compiled graphs keep them
                 backend = "inductor" if config.compile is True else config.compile
@@ -263,8 +263,9 @@ class Run:
                 self.results[stage.name] = result
                 summary = {"best_acc": result.best_acc, "best_epoch": result.best_epoch,
                            "last_acc": result.last_acc, "params": count_parameters(model)}
-                if stage.final:
-                    self.final_outcome = self.outcome()
+                if stage.final:  # what the export starts from: the float model (its top-1 is int8-simulated)
+                    with quantized.suspended() if quantized is not None else contextlib.nullcontext():
+                        self.final_outcome = self.outcome()
                     summary.update(self.final_outcome.values())
                 logger.summary(summary)
             finally:

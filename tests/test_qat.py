@@ -33,8 +33,8 @@ def test_the_context_keeps_names_and_state_and_gradients_pass_straight_through()
     keys = list(model.state_dict())
     x = torch.randn(8, 1, 8, 8)
     capture = FeatureCapture(model, ["layer2.0.conv", "fc:in"])
-    with quantization_aware(model) as names:
-        assert names == [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with quantization_aware(model) as quantized:
+        assert quantized.names == [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         assert list(model.state_dict()) == keys
         model.train()
         with capture.recording():
@@ -49,12 +49,16 @@ def test_the_context_keeps_names_and_state_and_gradients_pass_straight_through()
         model.eval()
         with torch.no_grad():
             rounded = model(x)
+            with quantized.suspended():
+                suspended = model(x)
+            assert torch.equal(model(x), rounded)  # back on after the suspension
     capture.close()
     assert all(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert not any(hasattr(m, "qat_range") or "qat_norm" in m.__dict__ for m in model.modules())
     with torch.no_grad():
         plain = model(x)
     assert 0 < (rounded - plain).abs().max() < 0.5 * plain.abs().max()
+    assert torch.equal(suspended, plain)
 
 
 def test_convolutions_followed_by_a_batch_norm_round_the_weight_the_export_folds():

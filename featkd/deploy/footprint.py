@@ -168,6 +168,9 @@ def measure_models(models: Mapping[str, nn.Module], inputs: Mapping[int, Any], e
         for name, model in cpu_models.items():
             macs = multiply_adds(model, example, torch.device("cpu"))
             notes = [] if macs is not None else ["multiply-adds: torch's flop counter could not trace the model"]
+            if macs is not None and any(isinstance(m, nn.RNNBase) for m in model.modules()):
+                macs = None  # the counter skips recurrent kernels: a count without them would mislead
+                notes.append("multiply-adds: torch's flop counter does not count recurrent layers (LSTM, GRU)")
             lat = timed.get(name, [])
             if (note := busy_note(lat)) is not None:
                 notes.append(note)

@@ -132,10 +132,31 @@ def conv_norm_pairs(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
+class QuantizationAware:
+    """The layers a `quantization_aware` block made quantization-aware (`names`), with a way
+    to run the plain float model for a while (`suspended`)."""
+
+    def __init__(self, swapped: list[tuple[str, nn.Module, type]]) -> None:
+        self._swapped = swapped
+        self.names = [name for name, _, _ in swapped]
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The float model inside the block (to measure what the export starts from)."""
+        kinds = [(module, type(module)) for _, module, _ in self._swapped]
+        for _, module, original in self._swapped:
+            module.__class__ = original
+        try:
+            yield
+        finally:
+            for module, kind in kinds:
+                module.__class__ = kind
+
+
 @contextmanager
-def quantization_aware(model: nn.Module) -> Iterator[list[str]]:
+def quantization_aware(model: nn.Module) -> Iterator[QuantizationAware]:
     """Within the block, the model's linear and convolution layers train and evaluate with
-    int8 fake quantization (see the module docstring); yields their names."""
+    int8 fake quantization (see the module docstring)."""
     folded = conv_norm_pairs(model)
     modules = dict(model.named_modules())
     swapped = []
@@ -151,7 +172,7 @@ def quantization_aware(model: nn.Module) -> Iterator[list[str]]:
         module.__class__ = kind
         swapped.append((name, module, original))
     try:
-        yield [name for name, _, _ in swapped]
+        yield QuantizationAware(swapped)
     finally:
         for _, module, original in swapped:
             module.__class__ = original
