@@ -31,6 +31,12 @@ def test_run_config_trains_on_tiny_settings(path, tmp_path):
     tiny = [f"output_dir={tmp_path}", "logger=none", "progress=false"]
     text = build_data(load_config(path).data.name, load_config(path).data.args).text is not None
     tiny += ["data.args.train_size=128", "data.args.test_size=32"] if text else ["data.args.train_fraction=0.2"]
+    args = load_config(path).data.args
+    tiny += [f"data.args.{k}={v}" for k, v in (("train_subset", 64), ("validation_size", 32)) if args.get(k)]
+    for i, teacher in enumerate(load_config(path).teacher or []):
+        if teacher.data is not None and teacher.data.args.get("train_size"):  # a teacher's own, larger draw
+            tiny += [f"teacher.{i}.data.args.train_size=128", f"teacher.{i}.data.args.test_size=32"]
+            tiny += [f"teacher.{i}.data.args.validation_size=32"] if teacher.data.args.get("validation_size") else []
     config = load_config(path, tiny)
     if config.stages:
         overrides = [f"stages.{i}.train.epochs=1" for i in range(len(config.stages))]

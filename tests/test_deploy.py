@@ -36,7 +36,9 @@ def bilstm_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("text")
     return train(load_config("configs/nlp/bilstm.yaml", [f"output_dir={out}", *TINY, "teacher.train.epochs=1",
                                                          "train.epochs=2", "data.args.train_size=300",
-                                                         "data.args.validation_size=0"]))
+                                                         "data.args.train_subset=200", "data.args.validation_size=0",
+                                                         "teacher.0.data.args.train_size=300",
+                                                         "teacher.0.data.args.validation_size=0"]))
 
 
 def copy_run(run, tmp_path) -> Path:
