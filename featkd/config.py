@@ -79,13 +79,22 @@ class DataConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    """Global magnitude pruning in a stage (`featkd.deploy.prune`): reach `sparsity` (the
-    fraction of conv and linear weights set to zero) over the first `epochs` epochs on a cubic
-    schedule; `keep` lists module-name globs left dense (e.g. the classifier, `fc`)."""
+    """Pruning in a stage (`featkd.deploy.prune`), one of: `sparsity`, the fraction of conv and
+    linear weights set to zero by global magnitude, reached over the first `epochs` epochs on
+    a cubic schedule; or `channels`, the fraction of each layer's channels removed outright
+    (by L2 magnitude, with torch-pruning) at the start of the stage. `keep` lists module-name
+    globs left whole (the classifier always is)."""
 
-    sparsity: float = Field(gt=0, lt=1)
+    sparsity: float | None = Field(default=None, gt=0, lt=1)
+    channels: float | None = Field(default=None, gt=0, lt=1)
     epochs: PositiveInt = 1
     keep: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PruneConfig:
+        if (self.sparsity is None) == (self.channels is None):
+            raise ValueError("prune: give `sparsity` (weights set to zero) or `channels` (channels removed), one of them")
+        return self
 
 
 class TrainConfig(_Strict):

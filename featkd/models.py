@@ -278,7 +278,12 @@ def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
     text = TextInfo(**payload["text"]) if payload.get("text") else None
     model = build_model(payload["model_name"], payload["num_classes"], payload["input_shape"],
                         payload.get("model_args"), text=text)
-    model.load_state_dict(payload["model"])
+    if payload.get("structure"):  # channels were pruned: the recorded shapes, then the weights
+        from featkd.deploy.prune import restore_structure
+
+        restore_structure(model, payload["model"], payload["structure"])
+    else:
+        model.load_state_dict(payload["model"])
     return model
 
 

@@ -30,7 +30,7 @@ from featkd import specialists as sp
 from featkd.checkpoint import load_checkpoint, save_checkpoint
 from featkd.config import Config, DataConfig, ModelConfig, TrainConfig
 from featkd.data import DataBundle, build_data, collate_of, eval_loader, make_loaders
-from featkd.deploy.prune import magnitude_pruning
+from featkd.deploy.prune import magnitude_pruning, prune_channels, restore_structure, structure_of
 from featkd.deploy.qat import quantization_aware
 from featkd.distiller import Distiller, Term
 from featkd.engine import StageResult, StageSettings, StopRequest, fit, restore_weights
@@ -64,6 +64,9 @@ def load_model_checkpoint(model: nn.Module, path: str | Path, what: str) -> dict
     state = payload.get("model")
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} holds no model weights.")
+    if payload.get("structure"):  # channels were pruned: reshape the built model to the recorded one
+        restore_structure(model, state, payload["structure"])
+        return payload
     own = model.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise CheckpointError(
@@ -82,10 +85,12 @@ def build_models(plan: Plan, bundle: DataBundle, seed: int, device: torch.device
     return {key: build_from(spec, bundle).to(device) for key, spec in plan.models.items()}
 
 
-def model_record(spec: ModelConfig, bundle: DataBundle) -> dict[str, Any]:
-    """What a checkpoint says of its model, so that it can be rebuilt (`featkd eval`)."""
+def model_record(spec: ModelConfig, bundle: DataBundle, model: nn.Module | None = None) -> dict[str, Any]:
+    """What a checkpoint says of its model, so that it can be rebuilt (`featkd eval`): with the
+    module shapes of a model whose channels were pruned."""
     return {"model_name": spec.model, "model_args": spec.args, "num_classes": bundle.num_classes,
-            "input_shape": list(bundle.input_shape), "text": asdict(bundle.text) if bundle.text else None}
+            "input_shape": list(bundle.input_shape), "text": asdict(bundle.text) if bundle.text else None,
+            "structure": structure_of(model) if model is not None else None}
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -130,9 +135,10 @@ class Run:
             tqdm.write(message)
 
     def settings(self, name: str, train_cfg: TrainConfig, final: bool = False, spec: ModelConfig | None = None,
-                 evaluate_student: bool = True) -> StageSettings:
+                 evaluate_student: bool = True, model: nn.Module | None = None) -> StageSettings:
         """How `fit` runs a stage: the run's precision and policies, the stage's checkpoints."""
-        record = {"kind": "student", **model_record(spec, self.bundle), "config": self.config.to_dict()} if spec else {}
+        record = {"kind": "student", **model_record(spec, self.bundle, model), "config": self.config.to_dict()} \
+            if spec else {}
         return StageSettings(
             name=name, train=train_cfg, precision=self.config.precision, nonfinite=self.config.nonfinite,
             evaluate_student=evaluate_student, checkpoints=self.folder.checkpoints(name, final) if spec else {},
@@ -176,14 +182,18 @@ class Run:
             )
         self.models[stage.model].load_state_dict(state)
 
+    def example(self, stage: StagePlan) -> Any:
+        """A batch of the stage's training inputs, on the run's device."""
+        bundle = self.data(stage.data)
+        return to_device(next(iter(DataLoader(bundle.train, batch_size=stage.data.batch_size,
+                                              collate_fn=collate_of(bundle.train))))[0], self.device)
+
     def distiller(self, stage: StagePlan) -> Distiller:
         """The stage's model learning from its teachers by its terms, set up (shapes probed,
         adapters built) on a batch of the stage's training inputs."""
-        bundle, cache = self.data(stage.data), self.config.teacher_cache
-        example = to_device(next(iter(DataLoader(bundle.train, batch_size=stage.data.batch_size,
-                                                 collate_fn=collate_of(bundle.train))))[0], self.device)
+        cache = self.config.teacher_cache
         return Distiller([self.models[k] for k in stage.teachers] or None, self.models[stage.model],
-                         terms_from(stage.terms, stage.loss_key, stage.teacher_hint), example_input=example,
+                         terms_from(stage.terms, stage.loss_key, stage.teacher_hint), example_input=self.example(stage),
                          teacher_cache=TeacherCacheSettings(cache.dtype, list(cache.features))
                          if cache.enabled and stage.teachers else None)
 
@@ -221,7 +231,7 @@ class Run:
                              f"(top-1 {result.last_acc:.2f}%)")
                 return result
             result = self.train_stage(stage)
-            stage_cache.store(path, model, model_record(self.plan.models[stage.model], self.bundle), result)
+            stage_cache.store(path, model, model_record(self.plan.models[stage.model], self.bundle, model), result)
         return result
 
     def train_stage(self, stage: StagePlan) -> StageResult:
@@ -236,8 +246,11 @@ class Run:
             self.initialise_from_teacher(stage)
         int8 = quantization_aware(model) if stage.train.quantization_aware else contextlib.nullcontext()
         prune = stage.train.prune
-        pruning = magnitude_pruning(model, prune.sparsity, prune.epochs, prune.keep) if prune \
-            else contextlib.nullcontext()
+        if prune is not None and prune.channels is not None:  # one shot, before shapes are probed
+            removed = prune_channels(model, self.example(stage), prune.channels, prune.keep)
+            self.say(f"{stage.name}: pruned {100 * prune.channels:.0f}% of the channels ({removed:,} parameters)")
+        pruning = magnitude_pruning(model, prune.sparsity, prune.epochs, prune.keep) \
+            if prune is not None and prune.sparsity is not None else contextlib.nullcontext()
         with frozen(model, stage.freeze, stage.unfreeze), int8 as quantized, pruning as pruner, \
                 self.distiller(stage) as distiller:
             if config.compile:  # after the hooks are in place: compiled graphs keep them
@@ -258,7 +271,8 @@ class Run:
             logger = self.folder.logger(stage.name, final=stage.final)
             try:
                 result = fit(distiller, train_loader, test_loader, self.settings(stage.name, stage.train, stage.final,
-                                                                                  spec), device, logger, resume=resume,
+                                                                                  spec, model=model), device, logger,
+                             resume=resume,
                              stop=self.stop, val_loader=val_loader)
                 self.results[stage.name] = result
                 summary = {"best_acc": result.best_acc, "best_epoch": result.best_epoch,

@@ -93,3 +93,82 @@ def magnitude_pruning(model: nn.Module, sparsity: float, epochs: int = 1, keep: 
         yield pruner
     finally:
         pruner.close()
+
+
+# -- structured: channels removed ------------------------------------------------------------
+
+
+def prune_channels(model: nn.Module, example: object, fraction: float, keep: Sequence[str] = ()) -> int:
+    """Remove `fraction` of the channels of every prunable layer, those of smallest L2 norm,
+    with torch-pruning, which follows the dependencies (the batch norm after a convolution,
+    the next layer's inputs) so that the model stays whole and really gets smaller. Layers
+    matched by `keep`, and the layers that produce the model's output, keep their channels.
+    Returns the number of parameters removed."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        from featkd.errors import ConfigError
+
+        raise ConfigError('prune.channels needs torch-pruning, an optional dependency: pip install "featkd[deploy]".'
+                          ) from None
+    from featkd.capture import call_model
+
+    before = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        width = call_model(model, example).shape[-1]
+    kept = [glob_to_regex(pattern) for pattern in keep]
+    ignored = [m for name, m in model.named_modules() if isinstance(m, PRUNABLE) and (
+        any(r.match(name) for r in kept)
+        or (isinstance(m, nn.Linear) and m.out_features == width)
+        or (isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == width))]
+    was_training = model.training
+    model.eval()
+    try:
+        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                      pruning_ratio=fraction, ignored_layers=ignored)
+        pruner.step()
+    finally:
+        model.train(was_training)
+    model._featkd_pruned_channels = True
+    return before - sum(p.numel() for p in model.parameters())
+
+
+def structure_of(model: nn.Module) -> dict | None:
+    """What a checkpoint must record to rebuild a model whose channels were pruned (module
+    attributes, as torch-pruning saves them), or None for a model of its built shapes."""
+    if not getattr(model, "_featkd_pruned_channels", False):
+        return None
+    import torch_pruning as tp
+
+    return tp.state_dict(model)["attributions"]
+
+
+def restore_structure(model: nn.Module, state: dict, structure: dict) -> None:
+    """Reshape a freshly built `model` as recorded in `structure` (module attributes such as
+    `out_channels`, saved by torch-pruning), then load `state`, the checkpoint's weights."""
+    modules = dict(model.named_modules())
+    for name, attributes in structure.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        for attribute, value in attributes.items():
+            # sizes and settings only: parameters, buffers and submodules come from `state`
+            if attribute in module.__dict__ and attribute != "training" and not isinstance(value, (torch.Tensor, dict)):
+                setattr(module, attribute, value)
+    for key, tensor in state.items():
+        owner, _, leaf = key.rpartition(".")
+        module = modules.get(owner)
+        if module is None:
+            continue
+        old = module._parameters.get(leaf)
+        if old is None:
+            old = module._buffers.get(leaf)
+        if old is None or old.shape == tensor.shape:
+            continue
+        fresh = torch.empty(tensor.shape, dtype=old.dtype, device=old.device)  # where the model lives
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(fresh, requires_grad=old.requires_grad)
+        else:
+            module._buffers[leaf] = fresh
+    model.load_state_dict(state)
+    model._featkd_pruned_channels = True

@@ -1,5 +1,6 @@
-"""Quantization-aware training: the rounding ONNX Runtime's int8 applies, simulated in training,
-names and state left alone, and a QAT stage distilled by an fp32 teacher in a run."""
+"""Compression with the teacher in the loop: quantization-aware training that rounds as ONNX
+Runtime's int8 will, magnitude pruning that keeps pruned weights at zero, channel pruning that
+really shrinks the student, each in a run distilled by an fp32 teacher."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 
 from featkd.capture import FeatureCapture
 from featkd.config import load_config, validate
+from featkd.errors import ConfigError
 from featkd.deploy.qat import conv_norm_pairs, fake_quantize_input, fake_quantize_weight, quantization_aware
 from featkd.models import build_model
 from featkd.trainer import train
@@ -173,3 +175,28 @@ def test_a_pruned_and_distilled_stage_reports_its_sparsity_and_exports(tmp_path)
     assert result.values()["student/weight_sparsity"] == result.student_footprint.weight_sparsity
     exported = export(result.run_dir, "onnx", measure=False)
     assert exported.passed
+
+
+def test_channel_pruning_shrinks_the_student_and_every_loader_rebuilds_it(tmp_path):
+    pytest.importorskip("torch_pruning")
+    pytest.importorskip("onnxruntime")
+    from featkd.deploy.export import export
+    from featkd.evaluation import evaluate_checkpoint
+
+    overrides = [f"output_dir={tmp_path}", "logger=none", "progress=false", "measure={latency: false}",
+                 "teacher.train.epochs=1", "train.epochs=2", "student.model=cnn_small",
+                 "train.prune={channels: 0.5}"]
+    pruned = train(load_config("configs/quickstart.yaml", overrides))
+    dense = build_model("cnn_small", 10, (1, 8, 8))
+    full = sum(p.numel() for p in dense.parameters())
+    assert pruned.student_params < 0.4 * full  # half the channels: about a quarter of the weights
+    assert pruned.student.last_acc > 0
+    # eval, export and resume rebuild the pruned shapes from the checkpoint alone
+    assert evaluate_checkpoint(pruned.run_dir / "checkpoints" / "last.pt", "cpu")["acc"] == pytest.approx(
+        pruned.student.last_acc)
+    resumed = train(load_config("configs/quickstart.yaml", overrides), pruned.run_dir, resume=True)
+    assert resumed.student_params == pruned.student_params and resumed.student.last_acc == pruned.student.last_acc
+    exported = export(pruned.run_dir, "onnx", measure=False)
+    assert exported.passed and exported.card["architecture"]["parameters"] == pruned.student_params
+    with pytest.raises(ConfigError, match="`sparsity`.*`channels`"):
+        load_config("configs/quickstart.yaml", ["train.prune={sparsity: 0.5, channels: 0.5}"])
