@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featkd import distributed
+from featkd.errors import ConfigError
 from featkd.registry import Registry
 
 LOSSES: Registry = Registry("loss", "losses")
@@ -274,6 +275,12 @@ def ensemble_log_probs(teacher_logits: TeacherLogits, temperature: float) -> tor
     if len(logs) == 1:
         return logs[0]
     return torch.logsumexp(torch.stack(logs), dim=0) - math.log(len(logs))
+
+
+def check_temperature(name: str, temperature: float) -> None:
+    """A softmax temperature must be a finite number above zero."""
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ConfigError(f"{name}: temperature must be > 0 (and finite), got {temperature}.")
 
 
 def softened_kl(student_logits: torch.Tensor, teacher_logits: TeacherLogits, temperature: float) -> torch.Tensor:

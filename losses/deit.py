@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from featkd.errors import ConfigError
-from featkd.losses.base import LOSSES, Example, FeaturePairLoss, Shape, full_precision, softened_kl
+from featkd.losses.base import (LOSSES, Example, FeaturePairLoss, Shape, check_temperature, full_precision,
+                                softened_kl)
 
 #: What to use when a DeiT term's student feature is not a distillation head.
 USE_A_DISTILLED_DEIT = (
@@ -113,8 +114,7 @@ class DeiTSoftDistillation(DistillationTokenLoss):
 
     def __init__(self, temperature: float = 3.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ConfigError(f"deit_soft: temperature must be > 0, got {temperature}.")
+        check_temperature("deit_soft", temperature)
         self.temperature = temperature
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

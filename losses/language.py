@@ -29,6 +29,7 @@ from featkd.losses.base import (
     Shape,
     TeacherLogits,
     as_ensemble,
+    check_temperature,
     ensemble_log_probs,
     full_precision,
 )
@@ -135,11 +136,6 @@ def relation_kl(teacher: torch.Tensor, student: torch.Tensor, heads: int, mask: 
     return _mean_over_rows(kl_rows(log_t, log_s), mask)
 
 
-def _check_temperature(name: str, temperature: float) -> None:
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ConfigError(f"{name}: temperature must be a finite number > 0, got {temperature}.")
-
-
 def _check_choice(name: str, key: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}: {key} is one of {', '.join(repr(c) for c in choices)}, got {value!r}.")
@@ -208,7 +204,7 @@ class TokenKD(LogitLoss):
         super().__init__()
         _check_choice("token_kd", "divergence", divergence, ("forward_kl", "reverse_kl", "jsd"))
         _check_choice("token_kd", "positions", positions, ("tokens", "labelled"))
-        _check_temperature("token_kd", temperature)
+        check_temperature("token_kd", temperature)
         if divergence == "jsd" and not 0 < beta < 1:
             raise ConfigError(f"token_kd: beta weighs the teacher in JSD(beta) and must be in (0, 1), got {beta} "
                               "(its limits are divergence: forward_kl and reverse_kl).")
@@ -280,7 +276,7 @@ class SoftCrossEntropy(LogitLoss):
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        _check_temperature("soft_ce", temperature)
+        check_temperature("soft_ce", temperature)
         self.temperature = temperature
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: TeacherLogits,

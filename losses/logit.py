@@ -12,6 +12,7 @@ from featkd.losses.base import (
     Example,
     LogitLoss,
     TeacherLogits,
+    check_temperature,
     ensemble_log_probs,
     ensemble_mean_logits,
     full_precision,
@@ -73,8 +74,7 @@ class KDLoss(LogitLoss):
 
     def __init__(self, temperature: float = 4.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ConfigError(f"kd: temperature must be > 0, got {temperature}.")
+        check_temperature("kd", temperature)
         self.temperature = temperature
 
     def forward(
@@ -116,8 +116,7 @@ class DKDLoss(LogitLoss):
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ConfigError(f"dkd: temperature must be > 0, got {temperature}.")
+        check_temperature("dkd", temperature)
         if warmup < 0:
             raise ConfigError(f"dkd: warmup is a number of epochs >= 0, got {warmup}.")
         self.alpha, self.beta, self.temperature, self.warmup = alpha, beta, temperature, warmup
@@ -170,8 +169,7 @@ class DISTLoss(LogitLoss):
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ConfigError(f"dist: temperature must be > 0, got {temperature}.")
+        check_temperature("dist", temperature)
         self.beta, self.gamma, self.temperature = beta, gamma, temperature
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: TeacherLogits,

@@ -80,21 +80,14 @@ def fmt(values: Sequence[float]) -> str:
 
 
 def forward_ms(models: dict[str, Any], inputs: dict[str, Any], repeats: int = 20) -> dict[str, float]:
-    """Median CPU milliseconds of each model's forward on `inputs` (keyword tensors), without
-    gradients, the models taking turns so that the machine's drifts hit all alike."""
-    import torch
+    """Median CPU milliseconds of each model's forward on `inputs` (keyword tensors), in eval
+    mode, the models taking turns call by call (`featkd.deploy.footprint.time_calls`)."""
+    from featkd.capture import call_model
+    from featkd.deploy.footprint import time_calls
 
-    from featkd.bench.common import time_interleaved
-
-    def forward(model):
-        def step() -> None:
-            with torch.no_grad():
-                model(**inputs)
-        return step
-
-    times = time_interleaved({name: forward(model.eval()) for name, model in models.items()},
-                             3 if SMOKE else repeats, torch.device("cpu"))
-    return {name: seconds * 1e3 for name, seconds in times.items()}
+    timed = time_calls({name: {1: (lambda m=model.eval(): call_model(m, inputs))} for name, model in models.items()},
+                       3 if SMOKE else repeats, warmup=2)
+    return {name: latencies[0].median_ms for name, latencies in timed.items()}
 
 
 def write(folder: Path, markdown: str, summary: dict[str, Any]) -> None:

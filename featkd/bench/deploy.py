@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from featkd.capture import call_model
 from featkd.data import eval_loader
 from featkd.deploy.export import Quantization, export, load_student, numpy_inputs, run_teachers
 from featkd.deploy.footprint import Footprint, Latency, busy_note, ratios, time_calls, weights_bytes
@@ -56,7 +57,7 @@ def run(run_dir: str | Path, batch_sizes: tuple[int, ...] = (1, 32), repeats: in
                               Footprint(count_parameters(model), multiply_adds(model, example, cpu),
                                         weights_bytes(model))))
         model.eval()
-        calls[name] = {b: (lambda m=model, x=x: m(**x) if isinstance(x, dict) else m(x)) for b, x in inputs.items()}
+        calls[name] = {b: (lambda m=model, x=x: call_model(m, x)) for b, x in inputs.items()}
     student_row = rows[-1]
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featkd.capture import call_model, eval_mode
 from featkd.checkpoint import load_checkpoint
 from featkd.config import Config, validate
 from featkd.data import DataBundle, build_data, collate_of
@@ -138,25 +139,14 @@ def _final_checkpoint(run_dir: Path) -> Path:
 
 def export_onnx(model: nn.Module, example: Any, path: Path) -> str:
     """`_export_onnx` on the model in eval mode, which the exporters may leave in training mode."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return _export_onnx(model, example, path)
 
 
 def export_torchscript(model: nn.Module, example: Any, path: Path) -> str:
     """`_export_torchscript` on the model in eval mode."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return _export_torchscript(model, example, path)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _export_onnx(model: nn.Module, example: Any, path: Path) -> str:
@@ -262,7 +252,7 @@ def _failing_module(model: nn.Module, example: Any, limit: int = 300) -> str | N
                 lambda m, args, name=name: recorded.setdefault(name, args)))
     try:
         with torch.no_grad():
-            model(**example) if isinstance(example, dict) else model(example)
+            call_model(model, example)
     except Exception:
         return None
     finally:
@@ -402,7 +392,7 @@ def parity(student: Student, runner: Runner, quantized: bool) -> dict[str, Any]:
     with torch.inference_mode():
         for batch in loader:
             x, y = batch[0], batch[1]
-            reference = student.model(**x) if isinstance(x, dict) else student.model(x)
+            reference = call_model(student.model, x)
             exported = torch.from_numpy(runner.logits(numpy_inputs(x, runner.names)))
             if reference.dim() != 2:
                 raise ExportError("only classifiers (one logit vector per sample) are exported for now; this model "

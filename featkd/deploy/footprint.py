@@ -10,6 +10,7 @@ and is kept with the numbers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import statistics
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from featkd.bench.common import time_samples
+from featkd.capture import call_model, eval_mode
 from featkd.deploy.prune import weight_sparsity
 
 #: p90 / median above this says the machine was busy while timing
@@ -158,11 +160,10 @@ def measure_models(models: Mapping[str, nn.Module], inputs: Mapping[int, Any], e
     from featkd.models import count_parameters
 
     cpu_models = {name: on_cpu(model) for name, model in models.items()}
-    modes = {name: model.training for name, model in cpu_models.items()}
-    for model in cpu_models.values():
-        model.eval()
-    try:
-        timed = time_calls({name: {b: _forward(model, x) for b, x in inputs.items()}
+    with contextlib.ExitStack() as modes:
+        for model in cpu_models.values():
+            modes.enter_context(eval_mode(model))
+        timed = time_calls({name: {b: (lambda m=model, x=x: call_model(m, x)) for b, x in inputs.items()}
                             for name, model in cpu_models.items()}, repeats, warmup, threads) if latency else {}
         out = {}
         for name, model in cpu_models.items():
@@ -176,16 +177,7 @@ def measure_models(models: Mapping[str, nn.Module], inputs: Mapping[int, Any], e
                 notes.append(note)
             out[name] = Footprint(count_parameters(model), macs, weights_bytes(model), lat, notes,
                                   weight_sparsity(model))
-    finally:
-        for name, model in cpu_models.items():
-            model.train(modes[name])
     return out
-
-
-def _forward(model: nn.Module, x: Any) -> Call:
-    if isinstance(x, dict):
-        return lambda: model(**x)
-    return lambda: model(x)
 
 
 def first_inputs(dataset: Any, batch: int) -> Any:

@@ -111,7 +111,7 @@ def prune_channels(model: nn.Module, example: object, fraction: float, keep: Seq
 
         raise ConfigError('prune.channels needs torch-pruning, an optional dependency: pip install "featkd[deploy]".'
                           ) from None
-    from featkd.capture import call_model
+    from featkd.capture import call_model, eval_mode
 
     before = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
@@ -121,14 +121,9 @@ def prune_channels(model: nn.Module, example: object, fraction: float, keep: Seq
         any(r.match(name) for r in kept)
         or (isinstance(m, nn.Linear) and m.out_features == width)
         or (isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == width))]
-    was_training = model.training
-    model.eval()
-    try:
-        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                      pruning_ratio=fraction, ignored_layers=ignored)
-        pruner.step()
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                             pruning_ratio=fraction, ignored_layers=ignored).step()
     model._featkd_pruned_channels = True
     return before - sum(p.numel() for p in model.parameters())
 
