@@ -332,13 +332,49 @@ class Config(_Strict):
 
 
 def deep_merge(base: dict, top: Mapping) -> dict:
-    """`top` over `base`, recursively for mappings; lists and scalars are replaced."""
+    """`top` over `base`, recursively for mappings; lists and scalars are replaced, except that
+    a mapping over a list of named mappings (`stages`) changes its entries by name (see
+    `merge_named`)."""
     out = copy.deepcopy(base)
     for key, value in top.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = deep_merge(dict(out[key]), value)
+        elif isinstance(value, Mapping) and _named_list(out.get(key)):
+            out[key] = merge_named(out[key], value, key)
         else:
             out[key] = copy.deepcopy(value)
+    return out
+
+
+def _named_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) and "name" in v for v in value)
+
+
+def merge_named(entries: list[Mapping], changes: Mapping, where: str = "stages") -> list[dict]:
+    """Change a list of named mappings by name, so that a variant or a derived config can touch
+    one stage of a chain without restating the others: `{qat: {train: {epochs: 3}}}` merges
+    into the entry named `qat`, `{qat: null}` removes it, and a new name is appended (its
+    entry needs everything a new one needs)."""
+    out = [dict(copy.deepcopy(e)) for e in entries]
+    names = [e["name"] for e in out]
+    for name, change in changes.items():
+        if name in names:
+            index = names.index(name)
+            if change is None:
+                del out[index], names[index]
+            elif isinstance(change, Mapping):
+                out[index] = deep_merge(out[index], {**change, "name": change.get("name", name)})
+                names[index] = out[index]["name"]
+            else:
+                raise ConfigError(f"{where}.{name}: give a mapping of changes to that entry, or null to remove it.")
+        elif change is None:
+            raise ConfigError(f"{where}: there is no entry named {name!r} to remove; the names are "
+                              f"{', '.join(map(repr, names))}.")
+        elif isinstance(change, Mapping):
+            out.append({"name": name, **copy.deepcopy(dict(change))})
+            names.append(name)
+        else:
+            raise ConfigError(f"{where}.{name}: a new entry must be a mapping (its settings).")
     return out
 
 

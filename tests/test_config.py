@@ -46,6 +46,38 @@ def test_base_files_are_merged(tmp_path):
         load_config(tmp_path / "loop.yaml")
 
 
+CHAIN = {"models": {"teacher": {"model": "cnn_tiny"}, "student": {"model": "cnn_tiny"}},
+         "stages": [{"name": "teacher", "model": "teacher", "train": {"epochs": 4}},
+                    {"name": "student", "model": "student", "teacher": "teacher",
+                     "loss": {"ce": {"weight": 0.1}, "kd": {"weight": 0.9}}, "train": {"epochs": 5}}]}
+
+
+def test_a_derived_config_changes_removes_and_appends_stages_by_name(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(CHAIN))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "stages": {
+        "student": {"train": {"epochs": 2}, "loss": {"kd": None}},
+        "finetune": {"model": "student", "teacher": "teacher", "train": {"epochs": 1, "quantization_aware": True}}}}))
+    cfg = load_config(tmp_path / "child.yaml")
+    assert [s.name for s in cfg.stages] == ["teacher", "student", "finetune"]
+    teacher, student, finetune = cfg.stages
+    assert teacher.train.epochs == 4  # untouched
+    assert (student.train.epochs, set(student.terms), student.teacher) == (2, {"ce"}, ["teacher"])
+    assert finetune.train.quantization_aware and finetune.teacher == ["teacher"]
+    (tmp_path / "drop.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "stages": {"student": None}}))
+    assert [s.name for s in load_config(tmp_path / "drop.yaml").stages] == ["teacher"]
+
+
+@pytest.mark.parametrize("stages,message", [
+    ({"studnet": None}, r"stages: there is no entry named 'studnet' to remove; the names are 'teacher', 'student'"),
+    ({"student": 3}, r"stages\.student: give a mapping of changes to that entry, or null to remove it"),
+])
+def test_bad_stage_changes_say_what_was_wrong(tmp_path, stages, message):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(CHAIN))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "stages": stages}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "child.yaml")
+
+
 @pytest.mark.parametrize("override,message", [
     ("trian.epochs=3", r"trian: unknown key\. Did you mean 'train'\?"),
     ("train.epoch=3", r"train\.epoch: unknown key\. Did you mean 'epochs'\?.*Allowed here: epochs, optimizer"),
