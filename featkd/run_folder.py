@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from featkd import distributed
-from featkd.checkpoint import load_checkpoint
+from featkd.checkpoint import load_checkpoint, save_checkpoint
 from featkd.config import Config, dump_yaml, flatten, load_config, with_absolute_paths
 from featkd.errors import CheckpointError, ConfigError
 from featkd.logging import JsonlLogger, Logger, make_logger
@@ -98,15 +97,10 @@ class RunFolder:
         """The file state.json names, wherever the folder is now."""
         return self.path / name if not Path(name).is_absolute() else Path(name)
 
-    def keep(self, source: Path, target: Path) -> Path:
-        """A copy of `source` at `target` in the folder (a hard link where the file system allows)."""
+    def save(self, target: Path, payload: dict[str, Any]) -> Path:
+        """Write a checkpoint into the folder (rank 0; every process waits for it)."""
         if distributed.rank() == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.unlink(missing_ok=True)
-            try:
-                os.link(source, target)
-            except OSError:
-                shutil.copyfile(source, target)
+            save_checkpoint(target, payload)
         distributed.barrier()
         return target
 

@@ -221,9 +221,12 @@ class Run:
         path = stage_cache.cache_path(self.config, self.plan, index)
         with stage_cache.claimed(path):
             if record.get("status") != "running" and distributed.broadcast_object(path.is_file()):
-                result = StageResult(**load_model_checkpoint(model, path, stage.model)["result"])
-                # the run folder keeps its own copy, so that it resumes wherever it is moved
-                kept = self.folder.keep(path, self.folder.checkpoints(stage.name, stage.final)["last"])
+                payload = load_model_checkpoint(model, path, stage.model)
+                result = StageResult(**payload["result"])
+                # the run folder keeps its own copy, so that it resumes wherever it is moved, with
+                # the run's config as a trained stage's checkpoints have it (export reads it)
+                kept = self.folder.save(self.folder.checkpoints(stage.name, stage.final)["last"],
+                                        {**payload, "config": self.config.to_dict()})
                 self.folder.state.update(stage.name, status="cached", checkpoint=self.folder.relative(kept),
                                          result=asdict(result))
                 if self.verbose:

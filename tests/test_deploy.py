@@ -91,6 +91,11 @@ def test_torchscript_export_is_exact_and_int8_reports_what_it_quantized(image_ru
     assert q["method"].startswith("static int8") and q["int8"] == {"Conv": 3, "Gemm": 1} and q["fp32"] == {}
     assert quantized.parity["quantized"] and "passed" not in quantized.parity
     assert quantized.parity["top1_agreement"] > 80
+    # the per-sample outcomes the parity report sums up (what a comparison of int8 arms resamples)
+    correct = quantized.outputs.correct()
+    assert correct.shape == (360,) and 100 * correct.mean() == pytest.approx(quantized.parity["exported_top1"])
+    test_set = load_student(run).bundle.test
+    assert quantized.outputs.labels.tolist() == [int(test_set[i][1]) for i in range(len(test_set))]
     again = export(run, "onnx", "int8", out=tmp_path / "again", measure=False)  # calibration is deterministic
     assert (again.folder / "model.onnx").read_bytes() == (quantized.folder / "model.onnx").read_bytes()
 
@@ -143,6 +148,21 @@ def test_an_operation_onnx_cannot_export_is_named_with_its_module(tmp_path):
     with pytest.raises(ExportError, match=r"smallest module that does not export is '1\.1' \(Zeta\).*torchscript"):
         export_onnx(model, torch.randn(2, 4), tmp_path / "m.onnx")
     assert model.training  # the exporters' mode changes do not leak
+
+
+def test_a_run_whose_student_came_from_the_stage_cache_exports_like_one_that_trained_it(tmp_path):
+    chain = {"name": "cached", "output_dir": str(tmp_path), "logger": "none", "progress": False, "measure": False,
+             "data": {"name": "digits", "args": {"augment": False}},
+             "models": {"teacher": {"model": "cnn_tiny"}, "student": {"model": "cnn_tiny"}},
+             "stages": [{"name": "teacher", "model": "teacher", "cache": True, "train": {"epochs": 1}},
+                        {"name": "student", "model": "student", "teacher": "teacher", "cache": True,
+                         "loss": {"ce": {"weight": 0.1}, "kd": {"weight": 0.9}}, "train": {"epochs": 1}}]}
+    trained, cached = train(load_config(data=chain)), train(load_config(data=chain))
+    assert json.loads((cached.run_dir / "state.json").read_text())["stages"]["student"]["status"] == "cached"
+    exports = [export(run.run_dir, "onnx", measure=False, out=tmp_path / f"export-{i}")
+               for i, run in enumerate((trained, cached))]
+    assert all(e.passed for e in exports)
+    assert exports[0].parity["exported_top1"] == exports[1].parity["exported_top1"] == cached.student.last_acc
 
 
 def test_bad_exports_are_clear_errors_and_never_leave_half_a_folder(image_run, tmp_path, capsys):

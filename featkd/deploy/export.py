@@ -381,33 +381,49 @@ def numpy_inputs(x: Any, names: list[str]) -> dict[str, np.ndarray]:
     return {names[0]: x.cpu().numpy().astype(np.float32)}
 
 
-def parity(student: Student, runner: Runner, quantized: bool) -> dict[str, Any]:
-    """The export against the PyTorch student on every test sample: the largest |logit|
-    difference, how often their top-1 agree, and each one's top-1."""
+@dataclass
+class TestOutputs:
+    """The PyTorch student and an export on every test sample, in the test set's order."""
+
+    reference: np.ndarray  # (N, C) the PyTorch student's logits
+    exported: np.ndarray  # (N, C) the export's logits
+    labels: np.ndarray  # (N,)
+
+    def correct(self) -> np.ndarray:
+        """(N,) 1 where the export's top-1 is the label (what `featkd.stats` resamples)."""
+        return (self.exported.argmax(1) == self.labels).astype(np.float64)
+
+
+def test_outputs(student: Student, runner: Runner) -> TestOutputs:
+    """Run the PyTorch student and the export over the test set."""
     from featkd.data import eval_loader
 
     loader = eval_loader(student.bundle.test, student.config.data)
-    student.model.eval()
-    worst, agree, right_torch, right_export, n = 0.0, 0, 0, 0, 0
-    with torch.inference_mode():
+    reference, exported, labels = [], [], []
+    with eval_mode(student.model), torch.inference_mode():
         for batch in loader:
-            x, y = batch[0], batch[1]
-            reference = call_model(student.model, x)
-            exported = torch.from_numpy(runner.logits(numpy_inputs(x, runner.names)))
-            if reference.dim() != 2:
+            x = batch[0]
+            logits = call_model(student.model, x)
+            if logits.dim() != 2:
                 raise ExportError("only classifiers (one logit vector per sample) are exported for now; this model "
-                                  f"gives outputs of shape {tuple(reference.shape)}.")
-            worst = max(worst, float((reference - exported).abs().max()))
-            a, b = reference.argmax(1), exported.argmax(1)
-            agree += int((a == b).sum())
-            right_torch += int((a == y).sum())
-            right_export += int((b == y).sum())
-            n += len(y)
-    report = {"samples": n, "max_abs_logit_difference": worst, "top1_agreement": 100.0 * agree / n,
-              "pytorch_top1": 100.0 * right_torch / n, "exported_top1": 100.0 * right_export / n,
-              "quantized": quantized}
+                                  f"gives outputs of shape {tuple(logits.shape)}.")
+            reference.append(logits.float().numpy())
+            exported.append(runner.logits(numpy_inputs(x, runner.names)))
+            labels.append(batch[1].numpy())
+    return TestOutputs(np.concatenate(reference), np.concatenate(exported), np.concatenate(labels))
+
+
+def parity(out: TestOutputs, quantized: bool) -> dict[str, Any]:
+    """The export against the PyTorch student on every test sample: the largest |logit|
+    difference, how often their top-1 agree, and each one's top-1."""
+    torch_top1, export_top1 = out.reference.argmax(1), out.exported.argmax(1)
+    report = {"samples": len(out.labels),
+              "max_abs_logit_difference": float(np.abs(out.reference - out.exported).max(initial=0.0)),
+              "top1_agreement": 100.0 * float((torch_top1 == export_top1).mean()),
+              "pytorch_top1": 100.0 * float((torch_top1 == out.labels).mean()),
+              "exported_top1": 100.0 * float(out.correct().mean()), "quantized": quantized}
     if not quantized:
-        report.update(tolerance=FP32_TOLERANCE, passed=worst < FP32_TOLERANCE)
+        report.update(tolerance=FP32_TOLERANCE, passed=report["max_abs_logit_difference"] < FP32_TOLERANCE)
     return report
 
 
@@ -419,6 +435,8 @@ class ExportResult:
     folder: Path
     card: dict[str, Any]
     parity: dict[str, Any]
+    #: the PyTorch student and the export on every test sample (what the parity report sums up)
+    outputs: TestOutputs
 
     @property
     def passed(self) -> bool:
@@ -452,11 +470,11 @@ def export(source: str | Path, format: str = "onnx", quantize: str | None = None
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    return ExportResult(folder, result[0], result[1])
+    return ExportResult(folder, *result)
 
 
 def _build(student: Student, format: str, quantize: str | None, folder: Path, measure: bool,
-           threads: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+           threads: int | None) -> tuple[dict[str, Any], dict[str, Any], TestOutputs]:
     example = student.example(2)
     model_file = folder / MODEL_FILES[format]
     quantization = None
@@ -477,14 +495,15 @@ def _build(student: Student, format: str, quantize: str | None, folder: Path, me
     card = model_card(student, format, exporter, model_file, quantization)
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
     runner = Runner(folder, card, threads)
-    checked = parity(student, runner, quantized=quantize is not None)
+    outputs = test_outputs(student, runner)
+    checked = parity(outputs, quantized=quantize is not None)
     (folder / PARITY).write_text(json.dumps(checked, indent=2) + "\n")
     card["test_top1"] = checked["exported_top1"]
     if measure:
         card["measured"] = measure_export(student, runner, model_file, threads)
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
     (folder / "model_card.md").write_text(card_markdown(card, checked))
-    return card, checked
+    return card, checked, outputs
 
 
 def measure_export(student: Student, runner: Runner, model_file: Path, threads: int | None,
