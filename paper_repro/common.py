@@ -15,9 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from featkd.compare import ComparisonResult, RunRow, difference, run_comparison
 from featkd.config import Config, load_config, smoke_config
-from featkd.stats import Interval, verdict
+from featkd.stats import Interval, bootstrap_difference, verdict
+from featkd.summary import test_correct
 
 ROOT = Path(__file__).resolve().parent
 RESULTS_START, RESULTS_END = "<!-- results -->", "<!-- /results -->"
@@ -61,6 +64,19 @@ def judge(result: ComparisonResult | Sequence[RunRow], a: str, b: str, claim: st
           margin: float = 0.0) -> tuple[str, Interval]:
     """The verdict on "`a` beats `b`" (or "is no better by `margin` points") and its interval."""
     interval = difference(rows_of(result, a), rows_of(result, b))
+    return verdict(interval, claim, margin), interval
+
+
+def correct_of(rows: Sequence[RunRow]) -> np.ndarray:
+    """(seeds, test samples): 1 where each run's final student classified the sample right,
+    rows in seed order (for `judge_correct`)."""
+    return np.stack([test_correct(r.run_dir).float().numpy() for r in sorted(rows, key=lambda r: r.seed)])
+
+
+def judge_correct(a: np.ndarray, b: np.ndarray, claim: str = "better", margin: float = 0.0) -> tuple[str, Interval]:
+    """`judge` for arms given as (seeds, test samples) correctness arrays over the same seeds,
+    such as exported models evaluated outside a run."""
+    interval = bootstrap_difference(a, b, paired=True)
     return verdict(interval, claim, margin), interval
 
 
