@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from featkd.adapters import ADAPTERS, infer_layout
-from featkd.capture import FeatureCapture, call_model, eval_mode, logits_of, resolve, token_mask
+from featkd.capture import FeatureCapture, call_model, eval_mode, logits_of, resolve, token_mask, unwrap
 from featkd.errors import AdapterError, CaptureError, ConfigError, FeatkdError, did_you_mean
 from featkd.losses.base import PretrainStage, TermInputs
 from featkd.teacher_cache import TeacherCacheSettings
@@ -167,6 +167,9 @@ class Distiller(nn.Module):
             if term.adapter is not None:
                 self.adapters[term.name] = adapters
             term.module.bind(adapted, targets)
+            pairs, teacher = self._pairs[term.name], self.teachers[term.teacher_index]
+            term.module.bind_modules([_output_module(self.student, p.student) for p in pairs],
+                                     [_output_module(teacher, p.teacher) for p in pairs])
         self._check_outputs(example_input)
         self.losses.to(device)
         self._ready = True
@@ -448,3 +451,12 @@ def _output_shape(adapter: nn.Module, shape: tuple, device: torch.device) -> tup
         return tuple(adapter(torch.zeros((2, *shape), device=device)).shape[1:])
     finally:
         adapter.train(flag)
+
+
+def _output_module(model: nn.Module, feature: str) -> nn.Module | None:
+    """The module whose (single) output a feature is, or None for an input, an element of a
+    tuple output or one call of several."""
+    spec = resolve(model, feature)[0]
+    if spec.port != "out" or spec.item is not None or spec.call is not None:
+        return None
+    return dict(unwrap(model).named_modules())[spec.module]

@@ -1,10 +1,16 @@
 """The loss zoo. Importing this package registers every built-in loss in `LOSSES`.
 
 base.py      the kinds a loss subclasses: LogitLoss, FeaturePairLoss, FeatureSetLoss
-logit.py     ce, kd, logit_mse, dkd, dist
+logit.py     ce, kd, logit_mse, dkd, dist (kd, dkd, dist: `standardize` for logit standardization)
+logit_normalized.py  skd, nkd
+logit_adaptive.py    mlkd, ctkd, wkd (and the Sinkhorn and CKA helpers)
+dist_plus.py dist_feature (DIST+'s feature relations)
 feature.py   fitnet, at, nst, vid, ft, ab, fsp
 relation.py  rkd, sp, cc, pkt
 crd.py       crd (with its memory bank and dataset wrapper)
+channel.py   cwd, chsim, affinity, ktaad
+feature_regression.py  ofd, pad_l2
+svd.py       kdsvd
 language.py  token_kd, soft_ce, hidden_cosine, hidden_mse, attention_mse, minilm, minilmv2
 """
 
@@ -20,9 +26,18 @@ from featkd.losses.base import (
     as_ensemble,
     ensemble_log_probs,
     ensemble_mean_logits,
+    standardize_logits,
+)
+from featkd.losses.channel import (
+    AffinityDistillation,
+    ChannelSimilarity,
+    ChannelWiseDistillation,
+    KnowledgeAdaptation,
 )
 from featkd.losses.crd import CRDLoss, WithIndex
 from featkd.losses.deit import DeiTHardDistillation, DeiTSoftDistillation, DistillationTokenLoss
+from featkd.losses.dist_plus import DISTFeatureRelation
+from featkd.losses.feature_regression import PADL2, OverhaulDistillation, gaussian_negative_mean
 from featkd.losses.feature import (
     ActivationBoundaries,
     AttentionTransfer,
@@ -44,6 +59,9 @@ from featkd.losses.language import (
     TokenKD,
 )
 from featkd.losses.logit import CrossEntropy, DISTLoss, DKDLoss, KDLoss, LogitMSE
+from featkd.losses.logit_adaptive import CTKDLoss, MLKDLoss, WKDLoss, cka_distances, sinkhorn_cost
+from featkd.losses.logit_normalized import NormalizedKD, SphericalKD
+from featkd.losses.svd import KDSVD, top_right_singular_vectors
 from featkd.losses.relation import (
     CorrelationCongruence,
     ProbabilisticKT,
@@ -54,13 +72,17 @@ from featkd.losses.relation import (
 )
 
 __all__ = [
-    "LOSSES",
     "ActivationBoundaries",
+    "AffinityDistillation",
     "AttentionMSE",
     "AttentionTransfer",
     "CRDLoss",
+    "CTKDLoss",
+    "ChannelSimilarity",
+    "ChannelWiseDistillation",
     "CorrelationCongruence",
     "CrossEntropy",
+    "DISTFeatureRelation",
     "DISTLoss",
     "DKDLoss",
     "DistillLoss",
@@ -73,25 +95,39 @@ __all__ = [
     "HiddenCosine",
     "HiddenMSE",
     "KDLoss",
+    "KDSVD",
+    "KnowledgeAdaptation",
+    "LOSSES",
     "LogitLoss",
     "LogitMSE",
+    "MLKDLoss",
     "MiniLM",
     "MiniLMv2",
     "NSTLoss",
+    "NormalizedKD",
+    "OverhaulDistillation",
+    "PADL2",
     "PretrainStage",
     "ProbabilisticKT",
     "RKDLoss",
     "SimilarityPreserving",
     "SoftCrossEntropy",
+    "SphericalKD",
     "TermInputs",
     "TokenKD",
     "VIDLoss",
+    "WKDLoss",
     "WithIndex",
     "as_ensemble",
     "attention_map",
+    "cka_distances",
     "ensemble_log_probs",
     "ensemble_mean_logits",
     "fsp_matrix",
+    "gaussian_negative_mean",
     "rkd_angle",
     "rkd_distance",
+    "sinkhorn_cost",
+    "standardize_logits",
+    "top_right_singular_vectors",
 ]

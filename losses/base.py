@@ -14,6 +14,8 @@ Hooks a loss may use, all called by the Distiller (and so by the trainer) in a g
 
 - `bind(student_shapes, teacher_shapes)`: build shape-dependent modules (regressors, heads);
   set `has_shape_dependent_parameters = True` so they exist before the optimizer is made;
+- `bind_modules(student_modules, teacher_modules)`: the modules the pairs read (OFD's teacher
+  batch norms);
 - `prepare_data(dataset)`: wrap the training set to add fields to each batch (CRD adds the
   sample index), named in `batch_keys` and passed to `forward` as keywords;
 - `set_epoch(epoch)`: the loss sees the epoch (DKD's warm-up);
@@ -184,6 +186,12 @@ class DistillLoss(nn.Module):
         """Called once with the probed per-sample shapes of the (adapted) student features
         and the teacher features, before training; build shape-dependent state here."""
 
+    def bind_modules(self, student_modules: Sequence[nn.Module | None],
+                     teacher_modules: Sequence[nn.Module | None]) -> None:
+        """Called after `bind` with, per matched pair, the module whose output the pair reads
+        (None where it reads an input, an element of a tuple or one call of several): for
+        methods that read a module's own state (OFD's margins from the teacher's batch norms)."""
+
     def prepare_data(self, dataset: Any) -> Any:
         """Return the training set, wrapped if this loss needs more than (input, label)."""
         return dataset
@@ -290,6 +298,34 @@ def softened_kl(student_logits: torch.Tensor, teacher_logits: TeacherLogits, tem
     kl = F.kl_div(log_p_student, ensemble_log_probs(teacher_logits, temperature), reduction="batchmean",
                   log_target=True)
     return kl * (temperature * temperature)
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7, unbiased: bool = True) -> torch.Tensor:
+    """Z-score of each row of logits over the last dimension (classes, or a vocabulary):
+    (z - mean(z)) / (std(z) + eps).
+
+    `unbiased=True` divides the variance by K - 1, as the logit-standardization code does
+    (`torch.std`); `unbiased=False` by K (the population standard deviation). The result is
+    invariant to a positive scale and a shift of each row.
+    """
+    if logits.shape[-1] < 2:
+        raise ConfigError(f"standardize_logits: a z-score needs at least 2 logits per row, got shape "
+                          f"{tuple(logits.shape)}; standardize class or vocabulary logits (last dimension).")
+    if not eps >= 0:
+        raise ConfigError(f"standardize_logits: eps must be >= 0, got {eps}.")
+    logits = full_precision(logits)
+    std, mean = torch.std_mean(logits, dim=-1, keepdim=True, correction=1 if unbiased else 0)
+    return (logits - mean) / (std + eps)
+
+
+def standardized(student_logits: torch.Tensor, teacher_logits: TeacherLogits,
+                 on: bool) -> tuple[torch.Tensor, TeacherLogits]:
+    """Both sides z-scored (logit standardization, Sun et al. 2024) when `on`; each teacher of an
+    ensemble on its own."""
+    if not on:
+        return student_logits, teacher_logits
+    teachers = [standardize_logits(t.detach()) for t in as_ensemble(teacher_logits)]
+    return standardize_logits(student_logits), teachers[0] if len(teachers) == 1 else teachers
 
 
 def ensemble_mean_logits(teacher_logits: TeacherLogits) -> torch.Tensor:

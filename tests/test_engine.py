@@ -93,7 +93,8 @@ def test_relational_losses_compute_in_fp32_under_autocast():
     torch.manual_seed(0)
     teacher, student = build_model("cnn_small", 10, (1, 8, 8)), build_model("cnn_tiny", 10, (1, 8, 8))
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    terms = [Term(n, student="fc:in", teacher="fc:in") for n in RELATIONAL]
+    examples = {n: LOSSES.get(n).example for n in RELATIONAL}  # one feature pair each
+    terms = [Term(n, student=e.student, teacher=e.teacher, adapter=e.adapter, **e.params) for n, e in examples.items()]
     distiller = Distiller(teacher, student, terms, example_input=x).eval()
     captured = {}
     for name in RELATIONAL:
@@ -102,6 +103,7 @@ def test_relational_losses_compute_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = distiller(x, y)
     for name, (s, t) in captured.items():  # the losses got bf16 features; recompute them in fp32 by hand
+        assert s.dtype == t.dtype == torch.bfloat16, name
         exact = distiller.losses[name](s.float(), t.float())
         exact = sum(exact.values()) if isinstance(exact, dict) else exact
         weight = next(t.weight for t in distiller.terms if t.name == name)
