@@ -11,6 +11,10 @@ crd.py       crd (with its memory bank and dataset wrapper)
 channel.py   cwd, chsim, affinity, ktaad
 feature_regression.py  ofd, pad_l2
 svd.py       kdsvd
+review.py    reviewkd
+class_activation.py  catkd
+self_supervised.py   sskd (with RotatedCopies)
+heterogeneous.py     ofa
 language.py  token_kd, soft_ce, hidden_cosine, hidden_mse, attention_mse, minilm, minilmv2
 """
 
@@ -34,6 +38,7 @@ from featkd.losses.channel import (
     ChannelWiseDistillation,
     KnowledgeAdaptation,
 )
+from featkd.losses.class_activation import ClassAttentionTransfer, class_activation_maps
 from featkd.losses.crd import CRDLoss, WithIndex
 from featkd.losses.deit import DeiTHardDistillation, DeiTSoftDistillation, DistillationTokenLoss
 from featkd.losses.dist_plus import DISTFeatureRelation
@@ -49,6 +54,7 @@ from featkd.losses.feature import (
     attention_map,
     fsp_matrix,
 )
+from featkd.losses.heterogeneous import OFALoss, ofa_loss
 from featkd.losses.language import (
     AttentionMSE,
     HiddenCosine,
@@ -61,6 +67,8 @@ from featkd.losses.language import (
 from featkd.losses.logit import CrossEntropy, DISTLoss, DKDLoss, KDLoss, LogitMSE
 from featkd.losses.logit_adaptive import CTKDLoss, MLKDLoss, WKDLoss, cka_distances, sinkhorn_cost
 from featkd.losses.logit_normalized import NormalizedKD, SphericalKD
+from featkd.losses.review import AttentionBasedFusion, ReviewKD, hierarchical_context_loss
+from featkd.losses.self_supervised import RotatedCopies, SSKDLoss
 from featkd.losses.svd import KDSVD, top_right_singular_vectors
 from featkd.losses.relation import (
     CorrelationCongruence,
@@ -74,12 +82,14 @@ from featkd.losses.relation import (
 __all__ = [
     "ActivationBoundaries",
     "AffinityDistillation",
+    "AttentionBasedFusion",
     "AttentionMSE",
     "AttentionTransfer",
     "CRDLoss",
     "CTKDLoss",
     "ChannelSimilarity",
     "ChannelWiseDistillation",
+    "ClassAttentionTransfer",
     "CorrelationCongruence",
     "CrossEntropy",
     "DISTFeatureRelation",
@@ -105,11 +115,15 @@ __all__ = [
     "MiniLMv2",
     "NSTLoss",
     "NormalizedKD",
+    "OFALoss",
     "OverhaulDistillation",
     "PADL2",
     "PretrainStage",
     "ProbabilisticKT",
     "RKDLoss",
+    "ReviewKD",
+    "RotatedCopies",
+    "SSKDLoss",
     "SimilarityPreserving",
     "SoftCrossEntropy",
     "SphericalKD",
@@ -121,10 +135,13 @@ __all__ = [
     "as_ensemble",
     "attention_map",
     "cka_distances",
+    "class_activation_maps",
     "ensemble_log_probs",
     "ensemble_mean_logits",
     "fsp_matrix",
     "gaussian_negative_mean",
+    "hierarchical_context_loss",
+    "ofa_loss",
     "rkd_angle",
     "rkd_distance",
     "sinkhorn_cost",
