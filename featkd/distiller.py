@@ -50,6 +50,18 @@ class DistillOutput:
     #: unweighted, detached parts for logging: "kd", "at/layer1", "rkd/angle", ...
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_logits: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+    #: the terms of `losses` that learn from the labels alone (no teacher): the task loss, which
+    #: an optimizer such as DOT treats apart from the distillation terms
+    task_terms: tuple[str, ...] = ()
+
+    def split(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(task loss, distillation loss): the sums of the task terms and of the others (None
+        where there are none)."""
+        groups: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for name, value in self.losses.items():
+            groups[name not in self.task_terms].append(value)
+        task, distill = (torch.stack(g).sum() if g else None for g in groups)
+        return task, distill
 
 
 @dataclass(frozen=True)
@@ -220,7 +232,8 @@ class Distiller(nn.Module):
         finally:
             self.clear()
         loss = torch.stack(list(losses.values())).sum() if len(losses) > 1 else next(iter(losses.values()))
-        return DistillOutput(logits, loss, losses, parts, teachers.ensemble_logits())
+        return DistillOutput(logits, loss, losses, parts, teachers.ensemble_logits(),
+                             tuple(t.name for t in active if not t.module.needs_teacher))
 
     def active_terms(self) -> list[Term]:
         """The terms computed in distillation: those of non-zero weight."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from featkd import distributed
 from featkd.config import TrainConfig
+from featkd.errors import ConfigError
 from featkd.evaluation import unpack
 from featkd.optim import OPTIMIZERS, SCHEDULERS
 from featkd.runtime import autocast
@@ -46,6 +47,9 @@ class TrainStep:
         self.optimizer, self.scheduler = make_optimizer(train_cfg, self.params, steps_per_epoch)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.accumulate, self.grad_clip = train_cfg.accumulate, train_cfg.grad_clip
+        #: the optimizer takes the task and distillation gradients apart (DOT)
+        self.separates = bool(getattr(self.optimizer, "separates_task_gradient", False))
+        check_optimizer(train_cfg, precision)
         self.precision, self.device, self.channels_last = precision, device, channels_last
         self.steps = 0  # optimizer steps taken
 
@@ -57,7 +61,14 @@ class TrainStep:
             with autocast(self.device, self.precision):
                 out = self._forward(x, y, extras)
             finite, stop = agreed_flags(out.loss, stop_requested)
-            if finite:
+            if finite and self.separates and hasattr(out, "split"):
+                task, distill = out.split()
+                if distill is not None:  # first, so that its gradient can be set aside
+                    self.scaler.scale(distill / self.accumulate).backward(retain_graph=task is not None)
+                    self.optimizer.set_aside_distillation_gradient()
+                if task is not None:
+                    self.scaler.scale(task / self.accumulate).backward()
+            elif finite:
                 self.scaler.scale(out.loss / self.accumulate).backward()
         return StepResult(out, finite, stop)
 
@@ -93,6 +104,23 @@ class TrainStep:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.steps = state["step"]
+
+
+def check_optimizer(train_cfg: TrainConfig, precision: str) -> None:
+    """What an optimizer that takes the task and distillation gradients apart (DOT) cannot be
+    combined with; nothing for the others."""
+    name = train_cfg.optimizer.name
+    if not getattr(OPTIMIZERS.get(name), "separates_task_gradient", False):
+        return
+    if precision == "fp16":
+        raise ConfigError(f"optimizer {name!r} keeps the distillation gradient aside, outside fp16's gradient "
+                          "scaling: use precision bf16 or fp32 with it.")
+    if train_cfg.grad_clip:
+        raise ConfigError(f"optimizer {name!r} updates with two gradients, which one norm cannot clip as the "
+                          "method defines: remove train.grad_clip, or use sgd.")
+    if distributed.is_distributed():
+        raise ConfigError(f"optimizer {name!r} backpropagates twice per step, which multi-process (DDP) training "
+                          "does not support yet: run it in one process.")
 
 
 def agreed_flags(loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:

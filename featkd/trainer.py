@@ -40,6 +40,7 @@ from featkd.models import build_model, count_parameters, frozen
 from featkd.run_folder import RunFolder
 from featkd.runtime import resolve_device, seed_everything
 from featkd.stages import Plan, StagePlan, plan_stages
+from featkd.step import check_optimizer
 from featkd.summary import RunResult, measure
 from featkd.teacher_cache import TeacherCacheSettings
 from featkd.terms import terms_from
@@ -149,6 +150,10 @@ class Run:
         """Set up every stage on the untrained models, with a batch of its data, so that a
         wrong feature name, shape or data option stops the run before anything trains."""
         for stage in self.plan.stages:
+            try:
+                check_optimizer(stage.train, self.config.precision)
+            except ConfigError as exc:
+                raise ConfigError(f"stage {stage.name!r}: {exc}") from None
             if stage.specialists is not None or any(t not in self.models for t in stage.teachers):
                 continue  # specialists, and what learns from their ensemble: built by their stage
             try:
