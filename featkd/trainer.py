@@ -14,6 +14,7 @@ is described in `featkd.run_folder`; the outcome in `featkd.summary`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from dataclasses import asdict
@@ -152,6 +153,11 @@ class Run:
         for stage in self.plan.stages:
             try:
                 check_optimizer(stage.train, self.config.precision)
+                prune = stage.train.prune
+                if prune is not None and prune.channels is not None and stage.model in self.models:
+                    # on a copy of the untrained model: a model it cannot prune stops the run now
+                    prune_channels(copy.deepcopy(self.models[stage.model]), self.example(stage), prune.channels,
+                                   prune.keep)
             except ConfigError as exc:
                 raise ConfigError(f"stage {stage.name!r}: {exc}") from None
             if stage.specialists is not None or any(t not in self.models for t in stage.teachers):

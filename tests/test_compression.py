@@ -200,3 +200,15 @@ def test_channel_pruning_shrinks_the_student_and_every_loader_rebuilds_it(tmp_pa
     assert exported.passed and exported.card["architecture"]["parameters"] == pruned.student_params
     with pytest.raises(ConfigError, match="`sparsity`.*`channels`"):
         load_config("configs/quickstart.yaml", ["train.prune={sparsity: 0.5, channels: 0.5}"])
+
+
+def test_a_model_channel_pruning_would_break_is_refused_before_anything_trains(tmp_path):
+    """torch-pruning cuts the built-in transformer's hidden width but not the embedding rows
+    it adds directly: the pre-flight check prunes a copy, sees it no longer runs, and stops."""
+    pytest.importorskip("torch_pruning")
+    config = load_config("configs/nlp/kd.yaml", [f"output_dir={tmp_path}", "logger=none", "progress=false",
+                                                 "train.prune={channels: 0.5}", "data.args.train_size=64"])
+    with pytest.raises(ConfigError, match="prune.channels: with its channels removed, Transformer no longer runs "
+                                          r"\(.*\).*prune.keep, or prune by magnitude instead"):
+        train(config)
+    assert not list(tmp_path.rglob("*.pt"))  # not even the teacher was trained

@@ -124,6 +124,18 @@ def prune_channels(model: nn.Module, example: object, fraction: float, keep: Seq
     with eval_mode(model):
         tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
                              pruning_ratio=fraction, ignored_layers=ignored).step()
+        try:  # torch-pruning follows modules, not parameters a model uses directly
+            with torch.no_grad():
+                call_model(model, example)
+        except RuntimeError as exc:
+            from featkd.errors import ConfigError
+
+            raise ConfigError(
+                f"prune.channels: with its channels removed, {type(model).__name__} no longer runs "
+                f"({str(exc).splitlines()[0]}): some of its layers depend on each other in a way torch-pruning does "
+                "not follow (a parameter used directly, as a transformer's embeddings are). Keep those layers whole "
+                "with prune.keep, or prune by magnitude instead (prune: {sparsity: 0.5})."
+            ) from None
     model._featkd_pruned_channels = True
     return before - sum(p.numel() for p in model.parameters())
 
