@@ -7,6 +7,7 @@ ONNX Runtime runs it), parameters, file size and CPU latency."""
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,32 @@ from featkd.compare import ComparisonResult, RunRow, slug
 from featkd.deploy.export import export
 
 FOLDER = Path(__file__).resolve().parent
-DATASETS = {"digits": "digits", "mnist1d": "MNIST-1D"}
 ALONE, KD = "student alone", "KD student"
 PTQ = "KD student, int8 post-training"
 COMPRESSIONS = ("int8 QAT", "50% channels pruned", "80% weights pruned")
 CHANNELS_INT8 = "50% channels pruned + KD, int8 post-training"
 #: post hoc (control.yaml): the KD student trained as long as the compression arms, uncompressed
-CONTROL = "KD student, 10 more epochs + KD"
+CONTROL = "KD student, trained as long + KD"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One dataset of the claim: its comparison files (fp32 arms, fine-tuning arms, control),
+    the overrides that select it, and the compressions that apply to its models."""
+
+    label: str
+    files: tuple[str, str, str]
+    overrides: tuple[str, ...] = ()
+    compressions: tuple[str, ...] = COMPRESSIONS
+
+
+SIGNALS = ("compare.yaml", "finetune.yaml", "control.yaml")
+SETTINGS = {"digits": Setting("digits", SIGNALS, ("data.name=digits",)),
+            "mnist1d": Setting("MNIST-1D", SIGNALS, ("data.name=mnist1d",)),
+            # torch-pruning cannot cut the transformer's width: no channel pruning on text
+            "text": Setting("generated sentiment (text)", ("compare_text.yaml", "finetune_text.yaml",
+                                                           "control_text.yaml"),
+                            compressions=("int8 QAT", "80% weights pruned"))}
 INT8_ARMS = {"int8 QAT, labels only", "int8 QAT + KD", PTQ, CHANNELS_INT8}
 #: "keeps the KD student's accuracy": its int8 or pruned version loses less than this many points
 MARGIN = 0.5
@@ -55,22 +75,23 @@ def costs(run_dir: str, rows: list[str]) -> list[DeployRow]:
 def dataset(name: str) -> tuple[list[str], dict]:
     """Every arm on one dataset: the table, the verdicts and the numbers for claim.json."""
     began = time.perf_counter()
-    overrides = [f"data.name={name}", f"output_dir={common.output_dir(FOLDER.name)}/{name}"]
-    fp32 = common.compare(FOLDER, "compare.yaml", overrides)
-    tuned = common.compare(FOLDER, "finetune.yaml", overrides)
-    control = common.compare(FOLDER, "control.yaml", overrides)
+    setting = SETTINGS[name]
+    compressions, channels = setting.compressions, "50% channels pruned" in setting.compressions
+    overrides = [*setting.overrides, f"output_dir={common.output_dir(FOLDER.name)}/{name}"]
+    fp32, tuned, control = (common.compare(FOLDER, file, overrides) for file in setting.files)
     rows = fp32.rows + tuned.rows + control.rows
-    arms = [ALONE, KD, PTQ] + [f"{c}{s}" for c in COMPRESSIONS for s in (", labels only", " + KD")] + \
-        [CHANNELS_INT8, CONTROL]
+    arms = [ALONE, KD, PTQ] + [f"{c}{s}" for c in compressions for s in (", labels only", " + KD")] + \
+        ([CHANNELS_INT8] if channels else []) + [CONTROL]
     with tempfile.TemporaryDirectory() as tmp:
         correct = {arm: common.correct_of(common.rows_of(rows, arm)) for arm in arms if arm not in INT8_ARMS}
         correct[PTQ] = int8_correct(common.rows_of(rows, KD), Path(tmp))
-        correct[CHANNELS_INT8] = int8_correct(common.rows_of(rows, "50% channels pruned + KD"), Path(tmp))
+        if channels:
+            correct[CHANNELS_INT8] = int8_correct(common.rows_of(rows, "50% channels pruned + KD"), Path(tmp))
         for arm in ("int8 QAT, labels only", "int8 QAT + KD"):
             correct[arm] = int8_correct(common.rows_of(rows, arm), Path(tmp))
     versus_kd = {arm: common.judge_correct(correct[arm], correct[KD]) for arm in arms if arm != KD}
     verdicts = {}
-    for compression in COMPRESSIONS:
+    for compression in compressions:
         with_kd, without = f"{compression} + KD", f"{compression}, labels only"
         verdicts[f"{compression}: {HELPS}"] = \
             common.judge_correct(correct[with_kd], correct[without])
@@ -81,11 +102,11 @@ def dataset(name: str) -> tuple[list[str], dict]:
         common.judge_correct(correct[KD], correct[PTQ])
     post_hoc = {f"{c}: with the teacher, the accuracy of the KD student trained as long is kept (within {MARGIN} "
                 "points)": common.judge_correct(correct[CONTROL], correct[f"{c} + KD"], claim="no better", margin=MARGIN)
-                for c in COMPRESSIONS}
+                for c in compressions}
 
     teacher = teacher_accuracy(fp32)
     seeds = ", ".join(str(r.seed) for r in sorted(common.rows_of(rows, KD), key=lambda r: r.seed))
-    lines = [f"### {DATASETS[name]}", "",
+    lines = [f"### {setting.label}", "",
              f"Teacher: {teacher:.2f}% top-1 (trained once, seed 0). Test top-1 of each arm as deployed (int8 arms: "
              f"the ONNX Runtime int8 model), mean ± std over seeds {seeds}, last epoch; *best*: the epoch best on the "
              "validation split, as evaluated in training (int8 simulated for QAT; none for post-training). Δ: "
@@ -131,11 +152,12 @@ def weight_sparsity(rows: list[RunRow]) -> float:
 
 def cost_table(rows: list[RunRow], sparsity: float) -> str:
     """Sizes and latencies of seed 0's models: teacher, KD student (PyTorch, ONNX fp32, ONNX
-    int8) and the channel-pruned KD student (ONNX fp32 and int8)."""
+    int8) and, where channels were pruned, the channel-pruned KD student (ONNX fp32 and int8)."""
     kd_run = min(common.rows_of(rows, KD), key=lambda r: r.seed).run_dir
-    pruned_run = min(common.rows_of(rows, "50% channels pruned + KD"), key=lambda r: r.seed).run_dir
     dense = costs(kd_run, ["teacher", "student", "student, ONNX fp32", "student, ONNX int8"])
-    pruned = costs(pruned_run, ["student, ONNX fp32", "student, ONNX int8"])
+    pruned_rows = common.rows_of(rows, "50% channels pruned + KD")
+    pruned = costs(min(pruned_rows, key=lambda r: r.seed).run_dir, ["student, ONNX fp32", "student, ONNX int8"]) \
+        if pruned_rows else []
     labels = {("dense", "teacher"): "teacher (PyTorch)", ("dense", "student"): "KD student (PyTorch)",
               ("dense", "student, ONNX fp32"): "KD student, ONNX fp32 (also the 80%-pruned students: dense zeros)",
               ("dense", "student, ONNX int8"): "KD student, ONNX int8 (also the QAT students)",
@@ -169,12 +191,14 @@ def selection_lines(result: ComparisonResult) -> str:
 
 def main() -> dict:
     lines, summaries = [], {}
-    for name in list(DATASETS)[:1] if common.SMOKE else DATASETS:  # a smoke run checks the code once
+    # a smoke run checks the code once per kind of setting
+    for name in ("digits", "text") if common.SMOKE else SETTINGS:
         table, summaries[name] = dataset(name)
         lines += table + [""]
 
     def per_compression(claim: str) -> str:
-        return ", ".join(f"{DATASETS[name]} " + "/".join(s["verdicts"][f"{c}: {claim}"] for c in COMPRESSIONS)
+        return ", ".join(f"{SETTINGS[name].label} " + "/".join(s["verdicts"].get(f"{c}: {claim}", "—")
+                                                               for c in COMPRESSIONS)
                          for name, s in summaries.items())
 
     verdict = f"teacher helps ({' / '.join(COMPRESSIONS)}): {per_compression(HELPS)}; KD student's accuracy kept: " \
