@@ -98,7 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="overhead/cache: 64; rkd-angle: 256")
     p.add_argument("--dim", type=int, default=2048, help="rkd-angle: embedding size")
     p.add_argument("--batches", default="32,64,128,256,512,1024", help="scaling: batch sizes")
-    p.add_argument("--methods", default=None, help="overhead: comma-separated (default: kd,fitnet,at,sp,rkd,crd,kd+at+rkd; text: kd,distilbert,minilm,minilmv2,tinybert)")
+    p.add_argument("--methods", default=None,
+                   help="overhead: comma-separated methods or groups, '+' to combine, '+dot' to train with the DOT "
+                        "optimizer (default: kd,fitnet,at,sp,rkd,crd,kd+at+rkd; zoo2: the zoo's later methods; "
+                        "all: both; text: kd,distilbert,minilm,minilmv2,tinybert)")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats (median); overhead: 20, others: 3")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--channels-last", action="store_true")

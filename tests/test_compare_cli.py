@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from featkd.bench import overhead
 from featkd.cli import main
 from featkd.compare import load_spec, plan, run_comparison
 from featkd.errors import ConfigError
@@ -162,6 +163,37 @@ def test_bench_overhead_measures_each_step_against_its_bound(tmp_path, capsys):
     bound = rows["student"]["seconds"] + rows["teacher"]["seconds"]
     assert rows["kd"]["ratio"] == pytest.approx(rows["kd"]["seconds"] / bound)
     assert rows["rkd"]["peak_mib"] >= 0 and rows["student"]["ratio"] is None  # tiny models: a few pages at most
+    # every method of the suite (`all`: the default run's and the zoo's later ones), at tiny sizes
+    assert main(["bench", "--teacher", "cnn_small", "--student", "cnn_tiny", "--input-shape", "1,8,8",
+                 "--classes", "10", "--batch", "8", "--repeats", "1", "--methods", "all", "--no-memory",
+                 "--json", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["student", "teacher", *overhead.METHODS, *overhead.ZOO2_METHODS]
+    assert all(rows[m]["ratio"] > 0 for m in overhead.GROUPS["all"])
+    assert main(["bench", "--teacher", "cnn_small", "--student", "cnn_tiny", "--input-shape", "1,8,8",
+                 "--methods", "kd+nope", "--no-memory"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_bench_overhead_times_each_method_as_it_trains():
+    common = {"teacher": "cnn_small", "student": "cnn_tiny", "input_shape": [1, 8, 8], "classes": 10, "batch": 8}
+    sskd = overhead.build("sskd", **common)  # each image with its three rotated copies: 4x the rows
+    x, y, extras = sskd.batch
+    assert x.shape[0] == 32 and (y != -100).sum() == 8 and extras["rotation"][:4].tolist() == [0, 1, 2, 3]
+    dot = overhead.build("kd+dot", **common)  # TrainStep: two backward passes, the DOT update
+    dot()
+    assert dot.train_step is not None and dot.optimizer.state
+    assert all(set(s) == {"task_momentum", "distillation_momentum"} for s in dot.optimizer.state.values())
+    ofd = overhead.build("ofd", **common)  # the pre-ReLU batch norms, whose beta and gamma give the margins
+    assert ofd.distiller.term("ofd").teacher == ["layer1.0.bn", "layer2.0.bn", "layer3.0.bn"]
+    assert bool(ofd.distiller.losses["ofd"].from_batchnorm)
+    from featkd.models import build_model
+
+    resnet = overhead.feature_names(build_model("torchvision:resnet18", 10, [3, 32, 32]))
+    assert resnet["pre_relu"] == ["layer1.1.bn2", "layer2.1.bn2", "layer3.1.bn2", "layer4.1.bn2"]
+    assert (resnet["embedding"], resnet["classifier"], resnet["width"]) == ("fc:in", "fc", 512)
+    wide = overhead.feature_names(build_model("wrn_16_2", 10, [3, 32, 32]))  # pre-activation: the stage itself
+    assert wide["pre_relu"] == ["layer1", "layer2", "layer3"]
 
 
 def test_bench_overhead_on_text_models_runs_the_text_methods(tmp_path, capsys):

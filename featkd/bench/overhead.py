@@ -4,35 +4,88 @@ A distillation step cannot cost less than one plain student training step (T_s) 
 teacher forward without gradients (T_t). For each method, T_d is one featkd step (teacher
 forward, student forward with captures, adapters, losses, backward, optimizer step) and the
 overhead ratio is T_d / (T_s + T_t); memory likewise against the two steps' peaks.
+
+Each method runs as its paper combines it with the task loss, on the features its paper
+reads, named for any model with stages `layer1..N` and a final linear layer
+(`feature_names`). Method groups for `--methods`: `default` (the suite's default run: KD,
+FitNets, AT, SP, RKD, CRD and KD + AT + RKD), `zoo2` (the zoo's later methods, their own
+group so that the default run stays short) and `all`. A method's batch is laid out by its
+losses' `prepare_data` and the set's `collate`, as the trainer lays it out (SSKD's rotated
+copies); `+dot` trains a method's terms with the DOT optimizer through `featkd.step`'s
+`TrainStep` (two backward passes). A method with a pre-training stage is timed in its
+distillation step.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from featkd.bench.common import Step, peaks, time_interleaved
 from featkd.capture import call_model, logits_of
-from featkd.data import TextInfo
+from featkd.config import TrainConfig
+from featkd.data import TextInfo, collate_of
 from featkd.distiller import Distiller, Term
+from featkd.errors import ConfigError
+from featkd.evaluation import unpack
 from featkd.models import build_model
+from featkd.step import TrainStep
 
 METHODS = ["kd", "fitnet", "at", "sp", "rkd", "crd", "kd+at+rkd"]
+#: The zoo's later methods, each at its zoo config's setting (the CIFAR-100 one where the paper
+#: has several) on the bench's pair. A group of their own (`--methods zoo2`, or `all`) so that
+#: the default run stays short: 19 more steps would more than double it.
+ZOO2_METHODS = ["kd_ls", "skd", "nkd", "dist_plus", "mlkd", "ctkd", "wkd", "kd+dot", "ofd", "pad_l2", "kdsvd", "cwd",
+                "chsim", "affinity", "ktaad", "reviewkd", "catkd", "sskd", "ofa"]
+GROUPS = {"default": METHODS, "zoo2": ZOO2_METHODS, "all": [*METHODS, *ZOO2_METHODS]}
 DATASET_SIZE = 50_000  # CRD's memory bank is sized as for CIFAR
+#: DOT as its paper runs it on CIFAR-100 (lr 0.05, momentum 0.9 +- 0.075, weight decay 5e-4)
+DOT = {"name": "dot", "lr": 0.05, "momentum": 0.9, "delta": 0.075, "weight_decay": 5e-4}
+_BRANCHES = {"downsample", "shortcut"}  # a residual block's projection, beside its main path
+_NORMS = (nn.modules.batchnorm._BatchNorm,)
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def expand_methods(methods: Sequence[str]) -> list[str]:
+    """Method names with the groups (`default`, `zoo2`, `all`) spelled out, each once."""
+    out: list[str] = []
+    for name in methods:
+        out += GROUPS.get(name, [name])
+    return list(dict.fromkeys(out))
+
+
+def pre_relu(model: nn.Module, stage: str) -> str:
+    """The batch norm whose output the last ReLU of `stage` reads (its last block's last batch
+    norm on the main path: `bn2` of a basic block, `bn3` of a bottleneck, a plain conv-BN-ReLU
+    stage's last BN), where the model has one; else the stage's output (a pre-activation
+    block, whose stage already ends before its ReLU). Modules are taken in registration
+    order, which is the order these blocks run them in."""
+    inside = [(n, m) for n, m in model.named_modules()
+              if n.startswith(stage + ".") and not set(n[len(stage) + 1:].split(".")) & _BRANCHES]
+    norms = [i for i, (_, m) in enumerate(inside) if isinstance(m, _NORMS)]
+    if not norms or any(isinstance(m, _WEIGHTED) for _, m in inside[norms[-1] + 1:]):
+        return stage
+    return inside[norms[-1]][0]
 
 
 def feature_names(model: nn.Module) -> dict[str, Any]:
-    """Stages (`layerN`) and the embedding (input of the last linear layer) of a classifier."""
+    """Stages (`layerN`), their pre-ReLU batch norms (`pre_relu`, OFD's and ReviewKD's teacher
+    features), the embedding (input of the last linear layer), the classifier (that layer),
+    its width and the number of classes of a classifier."""
     names = [n for n, _ in model.named_modules()]
     stages = [n for n in names if re.fullmatch(r"layer\d+", n)]
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not stages or not linear:
         raise ValueError("the benchmark needs models with stages named layer1, layer2, ... and a final linear layer")
-    return {"stages": stages, "embedding": f"{linear[-1]}:in"}
+    name, classifier = linear[-1]
+    return {"stages": stages, "pre_relu": [pre_relu(model, s) for s in stages], "embedding": f"{name}:in",
+            "classifier": name, "width": classifier.in_features, "classes": classifier.out_features}
 
 
 TEXT_METHODS = ["kd", "distilbert", "minilm", "minilmv2", "tinybert"]
@@ -85,37 +138,156 @@ def text_terms_for(method: str, teacher: nn.Module, student: nn.Module) -> list[
                           teacher=[f"{a}:scores" for a in t["attention"]], layer_map="uniform"),
                      Term("soft_ce")],
     }
+    unknown = [name for name in method.split("+") if name not in parts]
+    if unknown:
+        raise ConfigError(f"bench: unknown text method {unknown[0]!r}; text methods: {', '.join(parts)} (joined by "
+                          "'+', '+dot' for the DOT optimizer).")
     chosen = [p for name in method.split("+") for p in parts[name]]
     ce_weight = {"kd": 0.1, "distilbert": 2.0}.get(method.split("+")[0], 1.0)
     return [Term("ce", ce_weight), *chosen]
 
 
-def terms_for(method: str, teacher: nn.Module, student: nn.Module) -> list[Term]:
-    t, s = feature_names(teacher), feature_names(student)
+def _image_parts(t: dict[str, Any], s: dict[str, Any]) -> dict[str, Callable[[], list[Term]]]:
+    """The terms of each image method besides the task loss, built on demand; `t` and `s` are
+    the `feature_names` of teacher and student."""
     mid = len(s["stages"]) // 2 - 1
-    parts = {
-        "kd": [Term("kd", 0.9, temperature=4)],
-        "fitnet": [Term("fitnet", student=s["stages"][mid], teacher=t["stages"][min(mid + 1, len(t["stages"]) - 1)])],
-        "at": [Term("at", student="layer*", teacher="layer*")],
-        "sp": [Term("sp", student=s["stages"][-1], teacher=t["stages"][-1])],
-        "rkd": [Term("rkd", student=s["embedding"], teacher=t["embedding"])],
-        "crd": [Term("crd", student=s["embedding"], teacher=t["embedding"])],
+    return {
+        "kd": lambda: [Term("kd", 0.9, temperature=4)],
+        "fitnet": lambda: [Term("fitnet", student=s["stages"][mid],
+                                teacher=t["stages"][min(mid + 1, len(t["stages"]) - 1)])],
+        "at": lambda: [Term("at", student="layer*", teacher="layer*")],
+        "sp": lambda: [Term("sp", student=s["stages"][-1], teacher=t["stages"][-1])],
+        "rkd": lambda: [Term("rkd", student=s["embedding"], teacher=t["embedding"])],
+        "crd": lambda: [Term("crd", student=s["embedding"], teacher=t["embedding"])],
+        # logit standardization: z-scored logits, T 2, weight 9 (CE 0.1)
+        "kd_ls": lambda: [Term("kd", 9.0, temperature=2.0, standardize=True)],
+        # SKD's term holds its cross-entropy, on the projected logits: no separate `ce`
+        "skd": lambda: [Term("skd", 1.0, temperature=4.0, alpha=0.9)],
+        "nkd": lambda: [Term("nkd", 1.0, temperature=3.0, gamma=3.5)],
+        # DIST+: DIST on the logits and the Pearson relations of the last stage's maps
+        "dist_plus": lambda: [Term("dist", 2.0, beta=2.0, gamma=2.0, temperature=1.0),
+                              Term("dist_feature", 2.0, student=s["stages"][-1], teacher=t["stages"][-1],
+                                   adapter="auto")],
+        "mlkd": lambda: [Term("mlkd", 0.9, temperatures=[2.0, 3.0, 4.0, 5.0, 6.0])],
+        # the learned temperature in (1, 21) through gradient reversal, lambda 0 -> 1 over 10 epochs
+        "ctkd": lambda: [Term("ctkd", 0.9, curriculum_epochs=10)],
+        # 10 Sinkhorn iterations over the non-target classes, cost from the teacher's class means
+        "wkd": lambda: [Term("wkd", 1.0, temperature=8.0, wasserstein_weight=600.0, sinkhorn_iterations=10)],
+        # every stage's pre-ReLU map (its batch norm, whose beta and gamma give the margins)
+        # through 1x1 conv + BN connectors
+        "ofd": lambda: [Term("ofd", 1e-3, student=s["pre_relu"], teacher=t["pre_relu"], adapter="conv")],
+        "pad_l2": lambda: [Term("pad_l2", 1.0, student=s["embedding"], teacher=t["embedding"], adapter="auto")],
+        "kdsvd": lambda: [Term("kdsvd", 1.0, student=s["stages"], teacher=t["stages"], adapter="auto")],
+        "cwd": lambda: [Term("cwd", 3.0, student=s["stages"][-2:], teacher=t["stages"][-2:], temperature=4.0)],
+        "chsim": lambda: [Term("chsim", 2.5, student=s["stages"][-1], teacher=t["stages"][-1])],
+        "affinity": lambda: [Term("affinity", 1.0, student=s["stages"][-2:], teacher=t["stages"][-2:])],
+        # the autoencoder of its pre-training stage stays fixed; timed: adapt 50 + affinity 1
+        "ktaad": lambda: [Term("ktaad", 1.0, student=s["stages"][-1], teacher=t["stages"][-1])],
+        # every student stage and the embedding, fused from the deepest, against the teacher's
+        # pre-ReLU stages and embedding
+        "reviewkd": lambda: [Term("reviewkd", 5.0, student=[*s["stages"], s["embedding"]],
+                                  teacher=[*t["pre_relu"], t["embedding"]])],
+        # class activation maps of the last stage through each classifier's weight
+        "catkd": lambda: [Term("catkd", 15.0, student=[s["stages"][-1], s["classifier"]],
+                               teacher=[t["stages"][-1], t["classifier"]], resolution=2, normalize=False)],
+        # on batches of 4x the rows: each image and its three rotated copies (`prepare_data`)
+        "sskd": lambda: [Term("sskd", 1.0, student=s["embedding"], teacher=t["embedding"])],
+        # a branch on every student stage, as wide as the wider embedding
+        "ofa": lambda: [Term("ofa", 1.0, student=s["stages"], teacher=t["stages"], num_classes=s["classes"], eps=1.0,
+                             temperature=1.0, embed_dim=max(s["width"], t["width"]))],
     }
-    chosen = [p for name in method.split("+") for p in parts[name]]
-    return [Term("ce", 0.1 if "kd" in method.split("+") else 1.0), *chosen]
 
 
-class _IndexOnly(torch.utils.data.Dataset):
-    """Labels of a synthetic training set, so that CRD can size its memory bank."""
+#: the task loss's weight next to a method (1 where not named)
+CE_WEIGHTS = {"kd": 0.1, "kd_ls": 0.1, "mlkd": 0.1, "ctkd": 0.1, "sskd": 0.1}
 
-    def __init__(self, n: int, classes: int) -> None:
-        self.targets = torch.arange(n) % classes
+
+def split_method(method: str) -> tuple[list[str], bool]:
+    """(the methods whose terms are summed, whether DOT trains them): "kd+at+rkd", "kd+dot"."""
+    parts = method.split("+")
+    objective = [p for p in parts if p != "dot"]
+    if not objective:
+        raise ConfigError(f"bench: {method!r}: dot is an optimizer, not a loss; give it a method, e.g. kd+dot.")
+    return objective, len(objective) < len(parts)
+
+
+def terms_for(method: str, teacher: nn.Module, student: nn.Module) -> list[Term]:
+    """The task loss and the terms of `method`: one method, or several joined by `+` (their
+    terms summed, the task loss at the smallest of their weights)."""
+    t, s = feature_names(teacher), feature_names(student)
+    parts, _ = split_method(method)
+    table = _image_parts(t, s)
+    unknown = [p for p in parts if p not in table]
+    if unknown:
+        raise ConfigError(f"bench: unknown method {unknown[0]!r}; methods: {', '.join(table)} (joined by '+', "
+                          f"'+dot' for the DOT optimizer), or a group: {', '.join(GROUPS)}.")
+    chosen = [term for name in parts for term in table[name]()]
+    if "skd" in parts:  # SKD's term computes the cross-entropy itself
+        return chosen
+    ce = Term("ce", min(CE_WEIGHTS.get(p, 1.0) for p in parts),
+              **({"label_smoothing": 0.1} if "ofa" in parts else {}))  # OFA's recipe smooths the labels
+    return [ce, *chosen]
+
+
+class _TrainingSet(torch.utils.data.Dataset):
+    """A training set of CIFAR's size whose samples at `index` are the step's batch: labels for
+    all (CRD sizes its memory bank and draws its negatives from them), images for those."""
+
+    def __init__(self, size: int, classes: int, x: Any, y: torch.Tensor, index: torch.Tensor) -> None:
+        self.targets = torch.arange(size) % classes
+        self.targets[index] = y
+        self.x, self.rows = x, {int(i): k for k, i in enumerate(index)}
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int):
-        return torch.zeros(1), self.targets[i]
+        return self.x[self.rows.get(i, 0)], self.targets[i]
+
+
+def method_batch(distiller: Distiller, x: Any, y: torch.Tensor, index: torch.Tensor, classes: int,
+                 device: torch.device, channels_last: bool) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+    """(inputs, labels, extra fields) of one step, laid out as the trainer lays them out: the
+    training set through the losses' `prepare_data` (CRD adds sample indices, SSKD each image's
+    rotated copies), the samples at `index` batched by its `collate`."""
+    data = _TrainingSet(DATASET_SIZE, classes, x.cpu() if isinstance(x, torch.Tensor) else x, y.cpu(), index)
+    prepared = distiller.prepare_data(data)
+    if prepared is data:  # nothing to add: the batch as drawn
+        return x, y, {}
+    batch = (collate_of(prepared) or default_collate)([prepared[int(i)] for i in index])
+    return unpack(batch, device, channels_last)
+
+
+class MethodStep:
+    """One training step of a method: `distiller(x, y, **extras)`, backward, optimizer step;
+    with DOT (`train_step`), featkd's `TrainStep`: the distillation terms' backward, their
+    gradient set aside, the task terms' backward, then the DOT update."""
+
+    def __init__(self, distiller: Distiller, batch: tuple[Any, torch.Tensor, dict[str, Any]], precision: str,
+                 device: torch.device, dot: bool, channels_last: bool = False) -> None:
+        self.distiller, self.batch = distiller, batch
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+        self.train_step: TrainStep | None = None
+        if dot:
+            train = TrainConfig.model_validate({"optimizer": DOT, "scheduler": {"name": "constant"}})
+            self.train_step = TrainStep(distiller, train, precision, device, steps_per_epoch=1,
+                                        channels_last=channels_last)
+            self.optimizer = self.train_step.optimizer
+        else:
+            self.optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01, momentum=0.9)
+
+    def __call__(self) -> None:
+        if self.train_step is not None:
+            self.train_step.forward_backward(self.batch, closes_step=True, stop_requested=False)
+            self.train_step.update()
+            return
+        x, y, extras = self.batch
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            out = self.distiller(x, y, **extras)
+        out.loss.backward()
+        self.optimizer.step()
 
 
 def text_batch(vocab: int, length: int, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -144,7 +316,7 @@ def build(kind: str, teacher: str, student: str, input_shape: list[int], classes
     else:
         x = torch.randn(batch, *input_shape, device=dev).to(memory_format=fmt)
     y = torch.randint(0, classes, (batch,), device=dev)
-    index = torch.randperm(DATASET_SIZE, device=dev)[:batch]
+    index = torch.randperm(DATASET_SIZE, device=dev)[:batch].cpu()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = lambda: torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
 
@@ -167,21 +339,15 @@ def build(kind: str, teacher: str, student: str, input_shape: list[int], classes
             optimizer.step()
 
         return student_step
-    terms = (text_terms_for if text is not None else terms_for)(kind, t_model, s_model)
+    objective, dot = split_method(kind)
+    terms = (text_terms_for if text is not None else terms_for)("+".join(objective), t_model, s_model)
     distiller = Distiller(t_model, s_model, terms, example_input=x)
-    distiller.prepare_data(_IndexOnly(DATASET_SIZE, classes))
+    # the batch as the trainer lays it out; SSKD's is 4x the rows (each image and its three
+    # rotated copies), so its step costs what it costs, against the bound of the plain batch
+    step_batch = method_batch(distiller, x, y, index, classes, dev, channels_last)
     distiller.train()
     distiller.set_epoch(1)
-    optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-
-    def distill_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            out = distiller(x, y, index=index)
-        out.loss.backward()
-        optimizer.step()
-
-    return distill_step
+    return MethodStep(distiller, step_batch, precision, dev, dot, channels_last)
 
 
 @dataclass
@@ -200,7 +366,7 @@ def run(teacher: str = "torchvision:resnet34", student: str = "torchvision:resne
     common = {"teacher": teacher, "student": student, "input_shape": list(input_shape), "classes": classes,
               "batch": batch, "device": device, "precision": precision, "channels_last": channels_last,
               "vocab": vocab, "teacher_args": teacher_args, "student_args": student_args}
-    kinds = ["student", "teacher", *methods]
+    kinds = ["student", "teacher", *expand_methods(methods)]
     steps = {kind: build(kind, **common) for kind in kinds}
     times = time_interleaved(steps, repeats, torch.device(device))
     del steps
