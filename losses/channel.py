@@ -28,16 +28,7 @@ from featkd.losses.base import (
     check_temperature,
     full_precision,
 )
-from featkd.losses.feature import pool_to_common_size
-
-
-def _require_maps(name: str, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
-    for s, t in zip(student_shapes, teacher_shapes):
-        if len(s) not in (2, 3) or len(s) != len(t):
-            raise ConfigError(
-                f"{name}: needs conv maps (C, H, W) or (C, L) on both sides, got student {tuple(s)} and teacher "
-                f"{tuple(t)}. Capture conv layers (`featkd inspect MODEL` lists the shapes)."
-            )
+from featkd.losses.feature import check_maps, pool_to_common_size
 
 
 def _require_map_tensors(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -99,7 +90,7 @@ class ChannelWiseDistillation(FeaturePairLoss):
         self.temperature = temperature
 
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
-        _require_maps("cwd", student_shapes, teacher_shapes)
+        check_maps("cwd", student_shapes, teacher_shapes)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         _require_map_tensors("cwd", student, teacher)
@@ -174,7 +165,7 @@ class ChannelSimilarity(FeatureSetLoss):
         self.embeds = nn.ModuleList()
 
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
-        _require_maps("chsim", student_shapes, teacher_shapes)
+        check_maps("chsim", student_shapes, teacher_shapes)
         for s, t in zip(student_shapes, teacher_shapes):
             if self.embed_kernel is None:
                 _require_equal_channels("chsim", s[0], t[0])
@@ -235,7 +226,7 @@ class AffinityDistillation(FeaturePairLoss):
     default_weight = 1.0
 
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
-        _require_maps("affinity", student_shapes, teacher_shapes)
+        check_maps("affinity", student_shapes, teacher_shapes)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         _require_map_tensors("affinity", student, teacher)
@@ -311,7 +302,7 @@ class KnowledgeAdaptation(FeaturePairLoss):
         self.affinity_adapter: nn.Module | None = None
 
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
-        _require_maps("ktaad", student_shapes, teacher_shapes)
+        check_maps("ktaad", student_shapes, teacher_shapes)
         if len(student_shapes) != 1:
             raise ConfigError(
                 f"ktaad: transfers one layer pair (the last conv maps), got {len(student_shapes)}; name one "

@@ -98,12 +98,14 @@ class AttentionTransfer(FeaturePairLoss):
         return f"p={self.p}"
 
 
-def _check_maps(name: str, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
+def check_maps(name: str, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape],
+               hint: str = "Capture conv layers") -> None:
+    """Each pair must be conv maps, (C, H, W) or (C, L), of the same rank on both sides."""
     for s, t in zip(student_shapes, teacher_shapes):
         if len(s) not in (2, 3) or len(s) != len(t):
             raise ConfigError(
                 f"{name}: needs conv maps (C, H, W) or (C, L) on both sides, got student {tuple(s)} and "
-                f"teacher {tuple(t)}. Capture conv layers (`featkd inspect MODEL` shows shapes)."
+                f"teacher {tuple(t)}. {hint} (`featkd inspect MODEL` shows names and shapes)."
             )
 
 
@@ -121,7 +123,7 @@ class NSTLoss(FeaturePairLoss):
     default_weight = 50.0
 
     def bind(self, student_shapes, teacher_shapes) -> None:
-        _check_maps("nst", student_shapes, teacher_shapes)
+        check_maps("nst", student_shapes, teacher_shapes)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         student, teacher = pool_to_common_size(full_precision(student), full_precision(teacher.detach()))
@@ -167,7 +169,7 @@ class VIDLoss(FeatureSetLoss):
         self.log_scales = nn.ParameterList()
 
     def bind(self, student_shapes, teacher_shapes) -> None:
-        _check_maps("vid", student_shapes, teacher_shapes)
+        check_maps("vid", student_shapes, teacher_shapes)
         inverse_softplus = math.log(math.expm1(self.init_variance - self.eps))
         for s, t in zip(student_shapes, teacher_shapes):
             self.regressors.append(_VIDRegressor(s[0], t[0], t[0], len(s) - 1))
@@ -255,7 +257,7 @@ class FactorTransfer(FeaturePairLoss):
         self.translator: Translator | None = None
 
     def bind(self, student_shapes, teacher_shapes) -> None:
-        _check_maps("ft", student_shapes, teacher_shapes)
+        check_maps("ft", student_shapes, teacher_shapes)
         if len(student_shapes) != 1:
             raise ConfigError(f"ft: transfers one layer pair (the paper's last conv map); got {len(student_shapes)}.")
         s, t = student_shapes[0], teacher_shapes[0]
@@ -357,7 +359,7 @@ class FSPLoss(FeatureSetLoss):
     )
 
     def bind(self, student_shapes, teacher_shapes) -> None:
-        _check_maps("fsp", student_shapes, teacher_shapes)
+        check_maps("fsp", student_shapes, teacher_shapes)
         if len(student_shapes) < 2:
             raise ConfigError("fsp: needs at least two layers per side (a flow goes from one layer to the next).")
         for i, (s, t) in enumerate(zip(student_shapes, teacher_shapes)):

@@ -13,6 +13,7 @@ from torch import nn
 from featkd import distributed
 from featkd.errors import ConfigError
 from featkd.losses.base import LOSSES, Example, FeatureSetLoss, Shape, full_precision
+from featkd.losses.feature import check_maps
 
 __all__ = ["OverhaulDistillation", "PADL2", "gaussian_negative_mean", "partial_l2"]
 
@@ -41,16 +42,6 @@ def partial_l2(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     teacher value t is <= 0 and the student is already at or below it."""
     keep = (student > target) | (target > 0)
     return ((student - target).pow(2) * keep).sum()
-
-
-def _check_maps(name: str, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
-    for s, t in zip(student_shapes, teacher_shapes):
-        if len(t) not in (2, 3) or len(s) != len(t):
-            raise ConfigError(
-                f"{name}: needs conv maps (C, H, W) or (C, L) on both sides, got student {tuple(s)} and teacher "
-                f"{tuple(t)}. Capture conv layers before their ReLU (the batch norm, e.g. 'layer1.0.bn'); "
-                "`featkd inspect MODEL` lists names and shapes."
-            )
 
 
 @LOSSES.register("ofd")
@@ -91,7 +82,8 @@ class OverhaulDistillation(FeatureSetLoss):
         self.register_buffer("from_batchnorm", torch.zeros((), dtype=torch.bool))
 
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
-        _check_maps("ofd", student_shapes, teacher_shapes)
+        check_maps("ofd", student_shapes, teacher_shapes,
+                   "Capture conv layers before their ReLU (the batch norm, e.g. 'layer1.0.bn')")
         self.channels = [t[0] for t in teacher_shapes]
         for i, c in enumerate(self.channels):
             # count, sum and sum of squares of the teacher's values, per channel
