@@ -41,6 +41,7 @@ def adamw(params: Iterable, lr: float = 1e-3, weight_decay: float = 0.01,
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
 
 
+@OPTIMIZERS.register("dot")
 class DistillationOrientedSGD(torch.optim.Optimizer):
     """DOT, the distillation-oriented trainer (Zhao et al., ICCV 2023): SGD whose task and
     distillation gradients keep momentum buffers of their own, the distillation one with more
@@ -120,17 +121,6 @@ class DistillationOrientedSGD(torch.optim.Optimizer):
                 p.add_(update, alpha=-lr)
         self._distillation_grads.clear()
         return loss
-
-
-@OPTIMIZERS.register("dot")
-def dot(params: Iterable, lr: float = 0.05, momentum: float = 0.9, delta: float = 0.075,
-        weight_decay: float = 5e-4) -> torch.optim.Optimizer:
-    """DOT (Zhao et al. 2023): SGD with separate momentum for the task gradient (momentum -
-    delta) and the distillation gradient (momentum + delta); see `DistillationOrientedSGD`."""
-    return DistillationOrientedSGD(params, lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay)
-
-
-dot.separates_task_gradient = True  # type: ignore[attr-defined]  # read before the optimizer is built
 
 
 class _Schedule:
