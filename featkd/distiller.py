@@ -10,6 +10,7 @@
     optimizer = torch.optim.SGD(distiller.parameters(), lr=0.05)   # student + adapters + loss state
     out = distiller(x, y)       # out.logits, out.losses (weighted, by term), out.loss (their sum)
     out.loss.backward()
+    distiller.deployed(x)       # the student as it answers at inference (SimKD: through its head)
 
 One step reads top to bottom in `forward`: the teachers run (`TeacherPass`), the student
 runs with its features captured, and each active term's value is computed from what it reads
@@ -31,7 +32,8 @@ from torch import nn
 from featkd.adapters import ADAPTERS, infer_layout
 from featkd.capture import FeatureCapture, call_model, eval_mode, logits_of, resolve, token_mask, unwrap
 from featkd.errors import AdapterError, CaptureError, ConfigError, FeatkdError, did_you_mean
-from featkd.losses.base import PretrainStage, TermInputs
+from featkd.heads import HeadedStudent
+from featkd.losses.base import LOSSES, PretrainStage, TermInputs
 from featkd.teacher_cache import TeacherCacheSettings
 from featkd.teachers import TeacherOutputs, TeacherPass
 from featkd.terms import Pair, Term, check_terms, map_layers, term_value
@@ -183,8 +185,38 @@ class Distiller(nn.Module):
             term.module.bind_modules([_output_module(self.student, p.student) for p in pairs],
                                      [_output_module(teacher, p.teacher) for p in pairs])
         self._check_outputs(example_input)
+        self._check_heads()
         self.losses.to(device)
         self._ready = True
+
+    def _heads(self) -> list[tuple[Term, nn.Module]]:
+        """(term, head) for each active term whose method replaces the student's classifier."""
+        return [(t, head) for t in self.active_terms() if (head := t.module.inference_head()) is not None]
+
+    def _check_heads(self) -> None:
+        heads = self._heads()
+        if len(heads) > 1:
+            raise ConfigError(f"terms {[t.name for t, _ in heads]} each replace the student's classifier with their "
+                              "own head; keep one of them.")
+        for term, _ in heads:
+            if term.adapter is not None:
+                raise ConfigError(f"term {term.name!r} ({term.loss}) projects the student feature itself, and the "
+                                  "student answers through that projection; leave the term's adapter unset.")
+
+    @property
+    def deployed(self) -> nn.Module:
+        """The student as it answers at inference: the student itself, or, when a term's method
+        classifies through a head of its own (SimKD), the student wrapped with that head
+        (`featkd.heads.HeadedStudent`, sharing its modules). Evaluate and export this."""
+        heads = self._heads() if self._ready else []
+        if not heads:
+            return self.student
+        term, head = heads[0]
+        loss = term.loss if isinstance(term.loss, str) else LOSSES.name_of(type(term.module))
+        if loss is None:
+            raise ConfigError(f"term {term.name!r}: its loss {type(term.module).__name__} gives the student a head but "
+                              "is not registered, so a checkpoint could not rebuild it; register it in LOSSES.")
+        return HeadedStudent(self.student, self._pairs[term.name][0].student, head, loss, term.module.head_args())
 
     def _check_outputs(self, example_input: Any) -> None:
         """Logit terms compare student and teacher outputs entry by entry: their last
@@ -383,6 +415,10 @@ class Pretraining:
     @property
     def student(self) -> nn.Module:
         return self.distiller.student
+
+    @property
+    def deployed(self) -> nn.Module:
+        return self.distiller.deployed
 
     def __call__(self, x: Any, targets: torch.Tensor | None = None, **batch: Any) -> DistillOutput:
         distiller, term = self.distiller, self.term

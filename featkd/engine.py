@@ -4,8 +4,8 @@ exactly, non-finite losses and graceful interruption.
     fit(objective, train_loader, test_loader, settings, device, logger)
 
 `objective` is a Distiller, or a method's pre-training (`distiller.pretraining(name)`): what
-it trains, `objective.trainable_parameters()`, is optimized by a `TrainStep`; its student is
-evaluated after each epoch.
+it trains, `objective.trainable_parameters()`, is optimized by a `TrainStep`; its student, as it answers
+at inference (`objective.deployed`: with the head SimKD gives it), is evaluated after each epoch.
 
 A checkpoint written mid-epoch (on SIGINT/SIGTERM) holds the random state at the start of
 the epoch and the number of batches done: resuming re-creates the epoch's data iterator from
@@ -36,6 +36,7 @@ from featkd.checkpoint import save_checkpoint
 from featkd.config import TrainConfig
 from featkd.errors import FeatkdError
 from featkd.evaluation import evaluate
+from featkd.heads import head_payload
 from featkd.logging import Logger
 from featkd.runtime import rng_state, set_rng_state
 from featkd.step import TrainStep
@@ -165,6 +166,7 @@ class LoopState:
             **record, "epoch": self.epoch, "batch": batch, "skipped": self.skipped, **step.state_dict(),
             "model": {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")},
             "distiller": {k: v for k, v in state.items() if not k.startswith("student.")},
+            "head": head_payload(objective.deployed),
             "best_acc": self.best_acc, "best_epoch": self.best_epoch, "last_acc": self.last_acc,
             "val_acc": self.val_acc, "best_val_acc": self.best_val_acc,
             "sums": {k: v.detach().cpu() for k, v in self.sums.items()} if batch else {}, "counted": self.counted,
@@ -228,7 +230,7 @@ def fit(
                        "time/train_s": time.perf_counter() - epoch_start}
             if loop.skipped:
                 metrics["train/skipped_steps"] = loop.skipped
-            improved = settings.evaluate_student and evaluate_epoch(objective.student, test_loader, val_loader,
+            improved = settings.evaluate_student and evaluate_epoch(objective.deployed, test_loader, val_loader,
                                                                     device, settings, loop, metrics)
             metrics["time/epoch_s"] = time.perf_counter() - epoch_start
             loop.epoch = epoch

@@ -269,7 +269,7 @@ def build_model(
 def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
     """The model a featkd checkpoint holds (a `load_checkpoint` payload): rebuilt from the
     record the trainer keeps with it (name, arguments, classes, input shape, text) and loaded
-    with its weights."""
+    with its weights; wrapped with the head its method gave it, if any (`featkd.heads`)."""
     from featkd.data import TextInfo
 
     if "model_name" not in payload or "model" not in payload:
@@ -284,7 +284,9 @@ def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
         restore_structure(model, payload["model"], payload["structure"])
     else:
         model.load_state_dict(payload["model"])
-    return model
+    from featkd.heads import with_head
+
+    return with_head(model, payload.get("head"))  # SimKD's student answers through its head
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -104,6 +104,10 @@ class Registry(Generic[T]):
             )
         return self._entries[name]
 
+    def name_of(self, obj: object) -> str | None:
+        """The name `obj` is registered under (None if it is not)."""
+        return next((name for name, entry in self._entries.items() if entry is obj), None)
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 

@@ -17,6 +17,7 @@ from featkd.config import MeasureConfig
 from featkd.deploy.footprint import Footprint, first_inputs, measure_models, ratios
 from featkd.engine import StageResult
 from featkd.evaluation import evaluate
+from featkd.heads import HeadedStudent
 
 
 #: the final student's predicted class for every test sample, with the labels
@@ -35,6 +36,8 @@ class RunResult:
     teacher_models: list[str] = field(default_factory=list)
     student_footprint: Footprint = field(default_factory=Footprint)
     teacher_footprints: list[Footprint] = field(default_factory=list)
+    #: how the student answers when its method replaced its classifier (SimKD), else None
+    student_head: str | None = None
 
     @property
     def student_params(self) -> int:
@@ -64,6 +67,8 @@ class RunResult:
         notes = [n for fp in (self.student_footprint, *self.teacher_footprints) for n in fp.notes]
         if notes:
             values["measure_notes"] = sorted(set(notes))
+        if self.student_head:
+            values["student_head"] = self.student_head
         return values
 
 
@@ -90,7 +95,8 @@ def measure(run_dir: Path, results: dict[str, StageResult], final: str, student:
                                 latency=settings.latency and distributed.rank() == 0)
     return RunResult(run_dir, results[final], dict(results), teacher_acc,
                      tested["agreement"] if first is not None else None, [name for name, _ in teachers],
-                     footprints["student"], [footprints[f"teacher{i}"] for i in range(len(models))])
+                     footprints["student"], [footprints[f"teacher{i}"] for i in range(len(models))],
+                     student.describe() if isinstance(student, HeadedStudent) else None)
 
 
 def test_correct(run_dir: str | Path) -> torch.Tensor:
@@ -113,6 +119,8 @@ def summary_lines(result: RunResult) -> list[str]:
     many = len(result.teacher_acc) > 1
     for i, (acc, fp) in enumerate(zip(result.teacher_acc, result.teacher_footprints)):
         lines.append(f"{'teacher' + (str(i) if many else ''):<12} top-1 {acc:.2f}%  {_costs(fp)}")
+    if result.student_head:
+        lines.append(f"head         the student {result.student_head}; its top-1 and footprint include the head")
     if result.agreement is not None:
         lines.append(f"agreement    student and teacher predict the same class on {result.agreement:.2f}% of test samples")
     if (ratio := result.ratios()):

@@ -37,6 +37,7 @@ from featkd.distiller import Distiller, Term
 from featkd.engine import StageResult, StageSettings, StopRequest, fit, restore_weights
 from featkd.errors import CheckpointError, ConfigError, FeatkdError
 from featkd.evaluation import evaluate, to_device
+from featkd.heads import HeadedStudent, head_payload, with_head
 from featkd.models import build_model, count_parameters, frozen
 from featkd.run_folder import RunFolder
 from featkd.runtime import resolve_device, seed_everything
@@ -114,6 +115,8 @@ class Run:
             for model in self.models.values():
                 model.to(memory_format=torch.channels_last)
         self.results: dict[str, StageResult] = {}
+        #: the trained models that answer through a head their method gave them (SimKD)
+        self.heads: dict[str, HeadedStudent] = {}
         self.final_outcome: RunResult | None = None  # measured when the final stage is trained in this process
 
     def data(self, spec: DataConfig) -> DataBundle:
@@ -167,8 +170,38 @@ class Run:
                     self.initialise_from_teacher(stage)  # the models are untrained: nothing is lost
                 with self.distiller(stage) as distiller:
                     distiller.prepare_data(self.data(stage.data).train)
+                    if isinstance(distiller.deployed, HeadedStudent):
+                        self.check_head_use(stage, distiller.deployed)
             except FeatkdError as exc:
                 raise ConfigError(f"stage {stage.name!r}: {exc}") from None
+
+    def check_head_use(self, stage: StagePlan, headed: HeadedStudent) -> None:
+        """A model that answers through its method's head is a run's last word on that model:
+        later stages would read the network without the head, and pruning or int8 training
+        would change the network under it."""
+        what = f"{stage.model!r} answers through {headed.loss}'s head after this stage"
+        train = stage.train
+        if train.quantization_aware or (train.prune is not None and train.prune.channels is not None):
+            raise ConfigError(f"{what}, which quantization-aware training and channel pruning do not cover; train it "
+                              "without them (int8 export quantizes the whole student, head included).")
+        later = self.plan.stages[self.plan.stages.index(stage) + 1:]
+        for other in later:
+            if other.model == stage.model or stage.model in other.teachers:
+                raise ConfigError(f"{what}, but stage {other.name!r} "
+                                  f"{'trains it further' if other.model == stage.model else 'learns from it'}; "
+                                  "make this the model's last stage.")
+
+    def deployed(self, key: str) -> nn.Module:
+        """Model `key` as it answers at inference: with the head its method gave it, if any."""
+        return self.heads.get(key, self.models[key])
+
+    def adopt_head(self, key: str, payload: dict[str, Any]) -> None:
+        """Keep the head a loaded checkpoint records for model `key` (none: the model answers itself)."""
+        headed = with_head(self.models[key], payload.get("head"))
+        if isinstance(headed, HeadedStudent):
+            self.heads[key] = headed
+        else:
+            self.heads.pop(key, None)
 
     def initialise_from_teacher(self, stage: StagePlan) -> None:
         """Copy into the stage's model the weights of its first teacher with the layers its
@@ -225,7 +258,8 @@ class Run:
         model = self.models[stage.model]
         record = self.folder.state.get(stage.name)
         if record.get("status") in ("done", "cached"):
-            load_model_checkpoint(model, self.folder.resolve(record["checkpoint"]), stage.model)
+            self.adopt_head(stage.model, load_model_checkpoint(model, self.folder.resolve(record["checkpoint"]),
+                                                               stage.model))
             return StageResult(**record["result"])
         if not stage.cache:
             return self.train_stage(stage)
@@ -233,6 +267,7 @@ class Run:
         with stage_cache.claimed(path):
             if record.get("status") != "running" and distributed.broadcast_object(path.is_file()):
                 payload = load_model_checkpoint(model, path, stage.model)
+                self.adopt_head(stage.model, payload)
                 result = StageResult(**payload["result"])
                 # the run folder keeps its own copy, so that it resumes wherever it is moved, with
                 # the run's config as a trained stage's checkpoints have it (export reads it)
@@ -245,7 +280,8 @@ class Run:
                              f"(top-1 {result.last_acc:.2f}%)")
                 return result
             result = self.train_stage(stage)
-            stage_cache.store(path, model, model_record(self.plan.models[stage.model], self.bundle, model), result)
+            stage_cache.store(path, model, {**model_record(self.plan.models[stage.model], self.bundle, model),
+                                            "head": head_payload(self.deployed(stage.model))}, result)
         return result
 
     def train_stage(self, stage: StagePlan) -> StageResult:
@@ -289,8 +325,11 @@ class Run:
                              resume=resume,
                              stop=self.stop, val_loader=val_loader)
                 self.results[stage.name] = result
+                self.heads.pop(stage.model, None)
+                if isinstance(deployed := distiller.deployed, HeadedStudent):
+                    self.heads[stage.model] = deployed
                 summary = {"best_acc": result.best_acc, "best_epoch": result.best_epoch,
-                           "last_acc": result.last_acc, "params": count_parameters(model)}
+                           "last_acc": result.last_acc, "params": count_parameters(deployed)}
                 if stage.final:  # what the export starts from: the float model (its top-1 is int8-simulated)
                     with quantized.suspended() if quantized is not None else contextlib.nullcontext():
                         self.final_outcome = self.outcome()
@@ -390,7 +429,7 @@ class Run:
         _, test_loader = make_loaders(data.train, data.test, final.data, final.seed)
         teachers = [(self.plan.models[k].model if k in self.plan.models else "specialists", self.models[k])
                     for k in final.teachers]
-        return measure(self.folder.path, self.results, final.name, self.models[final.model], teachers, test_loader,
+        return measure(self.folder.path, self.results, final.name, self.deployed(final.model), teachers, test_loader,
                        self.bundle.example_input(1), self.device, self.config.precision, self.config.channels_last,
                        self.config.measure)
 

@@ -13,6 +13,7 @@ feature_regression.py  ofd, pad_l2
 svd.py       kdsvd
 review.py    reviewkd
 class_activation.py  catkd
+classifier_reuse.py  simkd, srd (through the teacher's classifier)
 self_supervised.py   sskd (with RotatedCopies)
 heterogeneous.py     ofa
 language.py  token_kd, soft_ce, hidden_cosine, hidden_mse, attention_mse, minilm, minilmv2
@@ -39,6 +40,7 @@ from featkd.losses.channel import (
     KnowledgeAdaptation,
 )
 from featkd.losses.class_activation import ClassAttentionTransfer, class_activation_maps
+from featkd.losses.classifier_reuse import ReusedTeacherClassifier, SoftmaxRegression
 from featkd.losses.crd import CRDLoss, WithIndex
 from featkd.losses.deit import DeiTHardDistillation, DeiTSoftDistillation, DistillationTokenLoss
 from featkd.losses.dist_plus import DISTFeatureRelation
@@ -124,11 +126,13 @@ __all__ = [
     "PretrainStage",
     "ProbabilisticKT",
     "RKDLoss",
+    "ReusedTeacherClassifier",
     "ReviewKD",
     "RotatedCopies",
     "SSKDLoss",
     "SimilarityPreserving",
     "SoftCrossEntropy",
+    "SoftmaxRegression",
     "SphericalKD",
     "TermInputs",
     "TokenKD",

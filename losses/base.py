@@ -22,7 +22,10 @@ Hooks a loss may use, all called by the Distiller (and so by the trainer) in a g
 - `pretrain`: a `PretrainStage` the method runs before distillation, with
   `pretrain_loss()` and `pretrain_parameters()` saying on what and what it trains;
 - `trained_parameters()`: what distillation trains of the loss (FT's paraphraser is fixed);
-- `smoke_params(params)`: cheaper hyper-parameters for a seconds-long wiring check.
+- `smoke_params(params)`: cheaper hyper-parameters for a seconds-long wiring check;
+- `inference_head()`: the module the student answers through at inference when the method
+  replaces its classifier (SimKD), with `head_args()` and the classmethod `build_head(**args)`
+  that rebuilds it for a checkpoint (see `featkd.heads`).
 
 It returns a scalar tensor, or a dict of named scalar parts (logged separately, summed into
 the term); a `FeatureSetLoss` may return one value per pair. The term's weight is applied
@@ -211,6 +214,13 @@ class DistillLoss(nn.Module):
     def pretrain_parameters(self) -> Iterator[nn.Parameter]:
         """The loss's own parameters the `pretrain` stage trains (when it trains "loss")."""
         return self.parameters()
+
+    def inference_head(self) -> nn.Module | None:
+        """The module the student answers through at inference, fed the (unadapted) student
+        feature of the term's first pair, for a method that replaces the student's classifier
+        (SimKD's projector and the teacher's classifier); None: the student's own output. A
+        loss returning one also defines `head_args()` and `build_head(**head_args())`."""
+        return None
 
     @classmethod
     def smoke_params(cls, params: dict[str, Any]) -> dict[str, Any]:

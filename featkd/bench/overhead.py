@@ -40,9 +40,9 @@ from featkd.step import TrainStep
 METHODS = ["kd", "fitnet", "at", "sp", "rkd", "crd", "kd+at+rkd"]
 #: The zoo's later methods, each at its zoo config's setting (the CIFAR-100 one where the paper
 #: has several) on the bench's pair. A group of their own (`--methods zoo2`, or `all`) so that
-#: the default run stays short: 19 more steps would more than double it.
+#: the default run stays short: 21 more steps would more than double it.
 ZOO2_METHODS = ["kd_ls", "skd", "nkd", "dist_plus", "mlkd", "ctkd", "wkd", "kd+dot", "ofd", "pad_l2", "kdsvd", "cwd",
-                "chsim", "affinity", "ktaad", "reviewkd", "catkd", "sskd", "ofa"]
+                "chsim", "affinity", "ktaad", "reviewkd", "catkd", "sskd", "ofa", "simkd", "srd"]
 GROUPS = {"default": METHODS, "zoo2": ZOO2_METHODS, "all": [*METHODS, *ZOO2_METHODS]}
 DATASET_SIZE = 50_000  # CRD's memory bank is sized as for CIFAR
 #: DOT as its paper runs it on CIFAR-100 (lr 0.05, momentum 0.9 +- 0.075, weight decay 5e-4)
@@ -195,7 +195,17 @@ def _image_parts(t: dict[str, Any], s: dict[str, Any]) -> dict[str, Callable[[],
         # a branch on every student stage, as wide as the wider embedding
         "ofa": lambda: [Term("ofa", 1.0, student=s["stages"], teacher=t["stages"], num_classes=s["classes"], eps=1.0,
                              temperature=1.0, embed_dim=max(s["width"], t["width"]))],
+        # the last stage through the bottleneck projector (the teacher's classifier only at inference)
+        "simkd": lambda: [Term("simkd", 1.0, student=[s["stages"][-1], s["classifier"]],
+                               teacher=[t["stages"][-1], t["classifier"]])],
+        # the embedding through the connector, and through the teacher's classifier
+        "srd": lambda: [Term("srd", 1.0, student=[s["embedding"], s["classifier"]],
+                             teacher=[t["embedding"], t["classifier"]])],
     }
+
+#: methods trained without a separate task loss: SKD's term computes its cross-entropy itself,
+#: SimKD trains on its feature loss alone
+WITHOUT_TASK_LOSS = {"skd", "simkd"}
 
 
 #: the task loss's weight next to a method (1 where not named)
@@ -222,7 +232,7 @@ def terms_for(method: str, teacher: nn.Module, student: nn.Module) -> list[Term]
         raise ConfigError(f"bench: unknown method {unknown[0]!r}; methods: {', '.join(table)} (joined by '+', "
                           f"'+dot' for the DOT optimizer), or a group: {', '.join(GROUPS)}.")
     chosen = [term for name in parts for term in table[name]()]
-    if "skd" in parts:  # SKD's term computes the cross-entropy itself
+    if WITHOUT_TASK_LOSS & set(parts):
         return chosen
     ce = Term("ce", min(CE_WEIGHTS.get(p, 1.0) for p in parts),
               **({"label_smoothing": 0.1} if "ofa" in parts else {}))  # OFA's recipe smooths the labels

@@ -46,6 +46,7 @@ from featkd.checkpoint import load_checkpoint
 from featkd.config import Config, validate
 from featkd.data import DataBundle, build_data, collate_of
 from featkd.errors import CheckpointError, ExportError
+from featkd.heads import HeadedStudent
 from featkd.deploy.predict import CARD, PARITY, Runner, require
 from featkd.models import count_parameters, model_from_checkpoint
 
@@ -559,7 +560,8 @@ def model_card(student: Student, format: str, exporter: str, model_file: Path,
         "quantization": None if quantization is None else {"method": quantization.method, "int8": quantization.int8,
                                                            "fp32": quantization.fp32},
         "architecture": {"model": payload["model_name"], "args": payload.get("model_args") or {},
-                         "parameters": count_parameters(student.model)},
+                         "parameters": count_parameters(student.model),
+                         "head": student.model.describe() if isinstance(student.model, HeadedStudent) else None},
         "inputs": inputs,
         "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", bundle.num_classes]}],
         "preprocessing": preprocessing,
@@ -585,7 +587,8 @@ def card_markdown(card: Mapping[str, Any], checked: Mapping[str, Any]) -> str:
     lines = [f"# {card['name']}: {arch['model']} ({card['format']}"
              f"{', int8' if card['quantization'] else ''})", "",
              f"- **File**: `{card['file']}` (exported with {card['exporter']})",
-             f"- **Architecture**: `{arch['model']}` {json.dumps(arch['args'])}, {arch['parameters']:,} parameters",
+             f"- **Architecture**: `{arch['model']}` {json.dumps(arch['args'])}, {arch['parameters']:,} parameters"
+             + (f"; the network {arch['head']}" if arch.get("head") else ""),
              "- **Inputs**: " + ", ".join(f"`{i['name']}` {i['dtype']} {i['shape']}" for i in card["inputs"]),
              f"- **Preprocessing**: {card['preprocessing']['how']}",
              f"- **Classes** ({len(card['classes'])}): " + ", ".join(card["classes"][:20])
