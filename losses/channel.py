@@ -10,6 +10,7 @@ adapters and teacher autoencoder."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -121,11 +122,42 @@ def inter_channel_correlation(x: torch.Tensor) -> torch.Tensor:
 
 
 def channel_similarity_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """1/(B C) sum_b ||G(s_b) - G(t_b)||_F^2 for maps of equal channel counts."""
+    """1/(B C) sum_b ||G(s_b) - G(t_b)||_F^2 for maps of equal channel counts; through the
+    positions (`_distance_through_positions`) when maps have fewer positions than channels."""
+    channels, positions = student.shape[1], max(math.prod(student.shape[2:]), math.prod(teacher.shape[2:]))
+    if positions < channels:
+        return _distance_through_positions(student, teacher)
     with torch.no_grad():
         g_t = inter_channel_correlation(teacher.detach())
     g_s = inter_channel_correlation(student)
     return (g_s - g_t).pow(2).sum() / (len(g_s) * g_s.shape[1])
+
+
+def _row_norms(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||G_i||^2, max(||G_i||, 1e-12)) of the rows of G = F F^T, from F's (N, N) Gram:
+    ||G_i||^2 = f_i^T (F^T F) f_i."""
+    squared = ((f @ (f.transpose(1, 2) @ f)) * f).sum(-1).clamp_min(0)
+    return squared, squared.clamp_min(1e-24).sqrt()
+
+
+def _distance_through_positions(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The distance of `channel_similarity_distance` without forming the (C, C) matrices:
+    with A, B the (C, N) maps and D_A, D_B the row norms of A A^T, B B^T,
+    ||D_A^-1 A A^T - D_B^-1 B B^T||_F^2 = sum_i ||G_A,i||^2 / D_A,i^2 + (the same for B)
+    - 2 <A^T D_A^-1 D_B^-1 B, A^T B>_F, whose matrices are (N_A, N_B): O(C N^2) work and
+    memory instead of O(C^2 N). In float64, as the sum is a difference of large terms."""
+    a = student.flatten(2).double()
+    b = teacher.detach().flatten(2).double()
+    squared_a, norm_a = _row_norms(a)
+    with torch.no_grad():
+        squared_b, norm_b = _row_norms(b)
+        own_b = (squared_b / norm_b ** 2).sum(-1)
+    own_a = (squared_a / norm_a ** 2).sum(-1)
+    a_b = a.transpose(1, 2) @ b
+    weighted = a.transpose(1, 2) @ (b / (norm_a * norm_b)[..., None])
+    cross = (weighted * a_b).sum((1, 2))
+    distance = (own_a + own_b - 2 * cross).sum() / (a.shape[0] * a.shape[1])
+    return distance.to(full_precision(student).dtype)
 
 
 class ChannelEmbedding(nn.Sequential):

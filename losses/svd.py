@@ -11,7 +11,8 @@ import torch
 from featkd.errors import ConfigError
 from featkd.losses.base import LOSSES, Example, FeatureSetLoss, Shape, full_precision
 
-__all__ = ["KDSVD", "align", "as_matrix", "rbf_relation", "top_right_singular_vectors"]
+__all__ = ["KDSVD", "align", "as_matrix", "rbf_relation", "relation_gap", "singular_pairs",
+           "top_right_singular_vectors"]
 
 
 def as_matrix(feature: torch.Tensor) -> torch.Tensor:
@@ -25,6 +26,24 @@ def _smooth_inverse(d: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     return d / (d * d + floor * floor + torch.finfo(d.dtype).tiny)
 
 
+def singular_pairs(x: torch.Tensor, tol: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, V): the singular values of each (M, D) matrix of x (B, M, D), descending, and the
+    right singular vectors of the nonzero ones, from the eigendecomposition of the smaller
+    Gram matrix (X^T X, D x D, or X X^T, M x M, with V = X^T U / s): far cheaper than an SVD of
+    the tall or wide matrix itself. Computed in x's dtype (float64 for KDSVD: the Gram squares
+    the condition number). With D > M, the vectors of values below `tol` s_1 are zero columns:
+    their directions are not defined by X (the backward treats them as outside its row space)."""
+    rows, cols = x.shape[-2:]
+    if cols <= rows:
+        values, v = torch.linalg.eigh(x.transpose(-2, -1) @ x)
+        return values.flip(-1).clamp_min(0).sqrt(), v.flip(-1)
+    values, u = torch.linalg.eigh(x @ x.transpose(-2, -1))
+    s, u = values.flip(-1).clamp_min(0).sqrt(), u.flip(-1)
+    kept = s > tol * s[..., :1]
+    v = (x.transpose(-2, -1) @ u) / torch.where(kept, s, torch.ones_like(s))[..., None, :]
+    return s, v * kept[..., None, :]
+
+
 class _TopRightSingularVectors(torch.autograd.Function):
     """The right singular vectors of the k largest singular values of each (M, D) matrix,
     with the analytic backward restricted to them.
@@ -34,33 +53,36 @@ class _TopRightSingularVectors(torch.autograd.Function):
            + (I - V V^T) dX^T u_i / s_i.
     Only gaps between a kept value and the others enter, so a degenerate tail (repeated or
     zero singular values, common after a ReLU) costs nothing, where a full SVD backward
-    divides 0 by 0 there. Each 1 / gap is taken as gap / (gap^2 + (eps s_1^2)^2), and 1 / s_i
+    divides 0 by 0 there. Each 1 / gap is taken as gap / (gap^2 + (eps s_1^2)^2), and 1 / s_i^2
     likewise, so a near tie with a kept value gives a bounded gradient instead of an
-    exploding one (a vector whose value is tied has no defined direction to follow).
+    exploding one (a vector whose value is tied has no defined direction to follow). Since
+    u_j s_j = X v_j, the gradient needs X, s and V only: no left vectors are formed.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, k: int, eps: float) -> torch.Tensor:  # type: ignore[override]
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
-        v = vh.transpose(-2, -1)
-        ctx.save_for_backward(u, s, v)
+        s, v = singular_pairs(x)
+        ctx.save_for_backward(x, s, v)
         ctx.k, ctx.eps = k, eps
         return v[..., :k]
 
     @staticmethod
     def backward(ctx, grad_v: torch.Tensor):  # type: ignore[override]
-        u, s, v = ctx.saved_tensors
+        x, s, v = ctx.saved_tensors
         k, eps = ctx.k, ctx.eps
-        u_k, s_k, v_k = u[..., :k], s[..., :k], v[..., :k]
+        s_k, v_k = s[..., :k], v[..., :k]
         scale = s[..., :1, None] ** 2  # (B, 1, 1): the largest squared singular value
         gap = s_k[..., None, :] ** 2 - s[..., :, None] ** 2  # (B, r, k): s_i^2 - s_j^2 at [j, i]
         phi = (v.transpose(-2, -1) @ grad_v) * _smooth_inverse(gap, eps * scale)  # zero at j = i
-        grad_x = u_k @ (s_k[..., :, None] * phi.transpose(-2, -1)) @ v.transpose(-2, -1)
-        grad_x = grad_x + u @ (s[..., :, None] * phi) @ v_k.transpose(-2, -1)
-        if v.shape[-1] < v.shape[-2]:  # D > M: the part of dv outside the row space
-            outside = grad_v - v @ (v.transpose(-2, -1) @ grad_v)
-            inv_s = _smooth_inverse(s_k, eps * scale[..., 0].sqrt())
-            grad_x = grad_x + (u_k * inv_s[..., None, :]) @ outside.transpose(-2, -1)
+        xv = x @ v  # U S, so that no left vectors are formed
+        xv_k = xv[..., :k]
+        # the part of dv outside the span of V (D > M, or values too small to define a vector):
+        # (I - V V^T) dX^T u_i / s_i, with u_i / s_i = X v_i / s_i^2 (bounded as 1 / s_i^2)
+        outside = grad_v - v @ (v.transpose(-2, -1) @ grad_v)
+        inv_s2 = _smooth_inverse(s_k ** 2, eps * scale[..., 0])
+        # U_k S_k phi^T V^T + U S phi V_k^T + outside, each (M, D) without a (D, D) product
+        grad_x = (xv_k @ phi.transpose(-2, -1)) @ v.transpose(-2, -1)
+        grad_x = grad_x + (xv @ phi) @ v_k.transpose(-2, -1) + (xv_k * inv_s2[..., None, :]) @ outside.transpose(-2, -1)
         return grad_x, None, None
 
 
@@ -94,6 +116,48 @@ def rbf_relation(lower: torch.Tensor, upper: torch.Tensor, sigma: float) -> torc
     """exp(-(a_m - b_n)^2 / sigma) between every entry a_m of a vector of one layer and b_n of
     the same vector of the next: (B, D_l, D_l+1, k) from (B, D_l, k) and (B, D_l+1, k)."""
     return torch.exp(-(lower[:, :, None, :] - upper[:, None, :, :]).pow(2) / sigma)
+
+
+#: entries of the relation computed at once by `relation_gap` (its memory, whatever the layers)
+RELATION_CHUNK = 1 << 21
+
+
+class _RelationGap(torch.autograd.Function):
+    """sum over samples, m, n, j of (G_s[m, n, j] - G_t[m, n, j])^2 for the `rbf_relation`s
+    G_s of (a, b) and G_t of (c, d), in chunks of rows m, with the gradients for a and b
+    computed in the same pass: no (B, D_l, D_l+1, k) tensor is kept for the backward. With
+    e = a_m - b_n and g = exp(-e^2 / sigma), dL/da_m = sum_n -4 (g - G_t) g e / sigma and
+    dL/db_n = -sum_m of the same."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor,  # type: ignore[override]
+                sigma: float) -> torch.Tensor:
+        grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
+        total = a.new_zeros((), dtype=torch.float64)
+        rows = max(1, RELATION_CHUNK // max(1, a.shape[0] * b.shape[1] * b.shape[2]))
+        for start in range(0, a.shape[1], rows):
+            rows_a, rows_c = a[:, start:start + rows, None, :], c[:, start:start + rows, None, :]
+            gap = rows_a - b[:, None, :, :]
+            g = torch.exp(-gap.square() / sigma)
+            diff = g - torch.exp(-(rows_c - d[:, None, :, :]).square() / sigma)
+            total = total + diff.square().sum(dtype=torch.float64)
+            slope = diff.mul_(g).mul_(gap).mul_(-4.0 / sigma)  # dL/da_m for each n
+            grad_a[:, start:start + rows] = slope.sum(2)
+            grad_b -= slope.sum(1)
+        ctx.save_for_backward(grad_a, grad_b)
+        return total.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):  # type: ignore[override]
+        grad_a, grad_b = ctx.saved_tensors
+        return grad_a * grad_total, grad_b * grad_total, None, None, None
+
+
+def relation_gap(lower_s: torch.Tensor, upper_s: torch.Tensor, lower_t: torch.Tensor, upper_t: torch.Tensor,
+                 sigma: float) -> torch.Tensor:
+    """sum ((rbf_relation(lower_s, upper_s) - rbf_relation(lower_t, upper_t))^2), the teacher's
+    side without gradient, without forming the relations as autograd tensors."""
+    return _RelationGap.apply(lower_s, upper_s, lower_t.detach(), upper_t.detach(), sigma)
 
 
 @LOSSES.register("kdsvd")
@@ -164,8 +228,8 @@ class KDSVD(FeatureSetLoss):
     def vectors(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(student, teacher) right singular vectors of one layer pair, aligned and scaled: (B, C, k) each."""
         with torch.no_grad():
-            _, s_t, vh_t = torch.linalg.svd(as_matrix(teacher.detach()).double(), full_matrices=False)
-            v_t = _canonical_sign(vh_t[..., : self.k, :].transpose(-2, -1))
+            s_t, v_t = singular_pairs(as_matrix(teacher.detach()).double())
+            v_t = _canonical_sign(v_t[..., : self.k])
             weight = torch.nn.functional.normalize(s_t[..., : self.k], dim=-1)[..., None, :]
         x = as_matrix(student).double()
         v_s = top_right_singular_vectors(x, min(self.k + self.candidates, *x.shape[-2:]), self.eps)
@@ -176,16 +240,15 @@ class KDSVD(FeatureSetLoss):
         if len(students) < 2:
             raise ConfigError("kdsvd: needs at least two feature pairs (it relates consecutive layers).")
         dtype = full_precision(students[0]).dtype
-        total = students[0].new_zeros((), dtype=torch.float64)
+        total = students[0].new_zeros((), dtype=dtype)
         below = None
         for s, t in zip(students, teachers):
-            pair = self.vectors(full_precision(s), full_precision(t))
+            # the decomposition in float64, the relations (entries in [0, 1]) in the student's precision
+            pair = tuple(v.to(dtype) for v in self.vectors(full_precision(s), full_precision(t)))
             if below is not None:
-                g_s = rbf_relation(below[0], pair[0], self.sigma)
-                g_t = rbf_relation(below[1], pair[1], self.sigma)
-                total = total + (g_s - g_t).pow(2).sum() / len(s)
+                total = total + relation_gap(below[0], pair[0], below[1], pair[1], self.sigma) / len(s)
             below = pair
-        return total.to(dtype)
+        return total
 
     def extra_repr(self) -> str:
         return f"k={self.k}, candidates={self.candidates}, sigma={self.sigma}, eps={self.eps}"

@@ -114,6 +114,29 @@ def test_chsim_is_the_normalized_inter_channel_correlation_gap():
     assert value == pytest.approx(chsim_reference(s, t), rel=1e-10)
 
 
+def test_chsim_with_fewer_positions_than_channels_is_the_same_distance_and_gradient():
+    """Deep maps (512 channels at 4x4) go through the positions' Gram matrices instead of the
+    (C, C) ones: the value and the student's gradient must not change, dead channels included."""
+    from featkd.losses.channel import inter_channel_correlation
+
+    rng = np.random.default_rng(2)
+    s_np, t_np = rng.normal(size=(3, 12, 2, 2)), rng.normal(size=(3, 12, 3, 2))  # 4 and 6 positions
+    chsim = ChannelSimilarity(embed_kernel=None)
+    assert chsim([t64(s_np)], [t64(t_np)])[0].item() == pytest.approx(chsim_reference(s_np, t_np), rel=1e-10)
+    s_np[:, 5] = 0.0  # a dead channel: its row of G is 0, as F.normalize leaves it
+    t_np[1, 7] = 0.0
+    s = t64(s_np).requires_grad_()
+    value = chsim([s], [t64(t_np)])[0]
+    (grad,) = torch.autograd.grad(value, s)
+    direct = t64(s_np).requires_grad_()
+    g_s, g_t = inter_channel_correlation(direct), inter_channel_correlation(t64(t_np))
+    expected = (g_s - g_t).pow(2).sum() / (3 * 12)
+    expected.backward()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-10)
+    np.testing.assert_allclose(grad.numpy(), direct.grad.numpy(), rtol=1e-8, atol=1e-12)
+    assert chsim([t64(t_np)], [t64(t_np)])[0].item() == pytest.approx(0, abs=1e-12)
+
+
 def test_chsim_applies_its_embedding_to_the_student_first():
     torch.manual_seed(0)
     chsim = ChannelSimilarity()

@@ -176,6 +176,37 @@ def test_kdsvd_gradients_reach_the_student_never_the_teacher_even_on_relu_maps()
     assert all(x.grad is None for x in t)
 
 
+@pytest.mark.parametrize("chunk", [1 << 21, 7])  # all rows at once, and a few rows per chunk
+def test_relation_gap_is_the_squared_gap_of_the_rbf_relations_with_their_gradients(chunk, monkeypatch):
+    from featkd.losses import svd
+
+    monkeypatch.setattr(svd, "RELATION_CHUNK", chunk)
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True), torch.randn(3, 4, 2, dtype=torch.float64,
+                                                                                       requires_grad=True)
+    c, d = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(3, 4, 2, dtype=torch.float64)
+    fused = svd.relation_gap(a, b, c, d, 2.0)
+    plain = (svd.rbf_relation(a, b, 2.0) - svd.rbf_relation(c, d, 2.0)).pow(2).sum()
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-12)
+    grads = torch.autograd.grad(3.0 * fused, (a, b))
+    expected = torch.autograd.grad(3.0 * plain, (a, b))
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_singular_pairs_are_the_svds_for_tall_and_wide_matrices():
+    from featkd.losses.svd import singular_pairs
+
+    torch.manual_seed(0)
+    for shape in [(2, 9, 4), (2, 4, 9)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        s, v = singular_pairs(x)
+        _, s_ref, vh = torch.linalg.svd(x, full_matrices=False)
+        r = min(shape[1:])
+        np.testing.assert_allclose(s[:, :r].numpy(), s_ref.numpy(), rtol=1e-10)
+        np.testing.assert_allclose((v[:, :, :r] * vh.transpose(1, 2)).sum(1).abs().numpy(), 1.0, rtol=1e-9)
+
+
 def test_top_right_singular_vectors_keeps_the_dtype_and_matches_the_svd():
     x = torch.randn(3, 5, 4)
     v = top_right_singular_vectors(x, 2)
