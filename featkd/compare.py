@@ -155,6 +155,22 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-").lower() or "variant"
 
 
+def run_names(variants: Sequence[str]) -> dict[str, str]:
+    """Each variant's run name (its folders are `<name>-seed<N>`): its slug, numbered where two
+    variants slug alike ("DIST" and "DIST+"), so that no two variants share a run folder."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for variant in variants:
+        base = name = slug(variant)
+        n = 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        names[variant] = name
+        taken.add(name)
+    return names
+
+
 def _has_parent(data: dict[str, Any], override: str) -> bool:
     """Whether the mapping that `a.b.c=value` writes into exists in `data` (a list of one
     mapping stands for it, as `teacher.seed` addresses the only teacher)."""
@@ -321,18 +337,19 @@ def run_grid(configs: dict[str, Config], seeds: Sequence[int], folder: Path, pro
     `tolerate_divergence`, a run stopped by a non-finite loss is recorded as diverged.
     """
     tasks = []
+    names = run_names(list(configs))
     for seed in seeds:
         for name, config in configs.items():
             run_config = config.model_copy(update={
                 "seed": seed,
-                "name": slug(name),
+                "name": names[name],
                 "progress": progress and config.progress and jobs == 1,
                 "logger": config.logger.model_copy(update={
                     "group": config.logger.group or folder.name,
                     "tags": [*config.logger.tags, f"variant:{name}", f"seed:{seed}"],
                 }),
             })
-            tasks.append((name, seed, run_config.to_dict(), str(folder / f"{slug(name)}-seed{seed}")))
+            tasks.append((name, seed, run_config.to_dict(), str(folder / f"{names[name]}-seed{seed}")))
     results: dict[int, tuple[RunRow, dict[str, Any]]] = {}
 
     def record(index: int, outcome: dict[str, Any]) -> None:

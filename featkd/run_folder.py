@@ -60,6 +60,10 @@ class RunFolder:
     def create(cls, config: Config, path: Path | str | None = None) -> Path:
         """A new folder for `config` (named after it and the time, unless `path` is given),
         with the resolved config written into it; on rank 0 only."""
+        if path is not None and (Path(path) / "state.json").exists():
+            # its finished stages would be loaded as if this config had trained them
+            raise ConfigError(f"{str(path)!r} already holds a run (state.json); resume it with `featkd train "
+                              f"--resume {path}`, or give a new folder.")
         try:
             path = cls._claim_new(config) if path is None else Path(path)
             path.mkdir(parents=True, exist_ok=True)

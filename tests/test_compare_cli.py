@@ -45,6 +45,13 @@ def test_a_comparison_runs_every_variant_and_seed_and_tabulates_them(tmp_path):
     assert result.teacher_acc and result.teacher_models == ["cnn_large"]
 
 
+def test_variants_whose_names_slug_alike_get_run_folders_of_their_own():
+    from featkd.compare import run_names
+
+    names = run_names(["DIST", "DIST+", "dist", "KD + DOT", "KD+LS"])
+    assert names == {"DIST": "dist", "DIST+": "dist-2", "dist": "dist-3", "KD + DOT": "kd-dot", "KD+LS": "kd-ls"}
+
+
 def test_overrides_apply_to_the_variants_that_have_the_section(tmp_path):
     path = write_spec(tmp_path, {"alone": ALONE, "KD": {}})
     spec, spec_path = load_spec(path)

@@ -9,7 +9,7 @@ import torch
 
 from featkd.checkpoint import load_checkpoint, save_checkpoint
 from featkd.config import load_config
-from featkd.errors import CheckpointError
+from featkd.errors import CheckpointError, ConfigError
 from featkd.trainer import load_model_checkpoint, train
 
 FAST = ["teacher.train.epochs=2", "train.epochs=2", "progress=false"]
@@ -248,3 +248,14 @@ def test_runs_of_one_config_started_in_the_same_second_get_folders_of_their_own(
         thread.join()
     assert len(set(made)) == 8
     assert sorted(p.name for p in made)[0] == f"{config.name}-20260101-120000"
+
+
+def test_a_new_run_never_takes_over_a_folder_that_holds_a_run(tmp_path):
+    """Its finished stages would otherwise be loaded as if the new config had trained them."""
+    from featkd import run_folder
+
+    config = quick(tmp_path)
+    folder = run_folder.RunFolder.create(config, tmp_path / "run")
+    run_folder.RunState(folder).update("distill", status="done")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_folder.RunFolder.create(config, folder)
