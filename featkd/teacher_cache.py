@@ -61,7 +61,7 @@ class TeacherCache:
                 "turn the teacher cache off."
             )
         per_token = getattr(dataset, "per_token_outputs", False)
-        if getattr(dataset, "collate", None) is not None and (self.settings.features or per_token):
+        if getattr(dataset, "pads_sequences", False) and (self.settings.features or per_token):
             kept = "language-model logits" if per_token else f"teacher_cache.features {self.settings.features}"
             raise ConfigError(
                 f"teacher_cache: text batches are padded to their own longest sequence, so per-token teacher outputs "

@@ -338,6 +338,9 @@ def _as_inputs(sequence: Any) -> dict[str, torch.Tensor]:
 class TokenDataset(Dataset):
     """Tokenised sequences (unpadded) that pad themselves per batch: `collate`."""
 
+    #: batches are padded to their own longest sequence, so per-token outputs change shape
+    pads_sequences = True
+
     def __init__(self, sequences: Sequence[Any], pad_id: int = 0) -> None:
         self.sequences = [_as_inputs(s) for s in sequences]
         self.pad_id = int(pad_id)

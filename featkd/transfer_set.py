@@ -196,6 +196,9 @@ class TransferSet(Dataset):
         """Views a loader visits one per epoch ("per_epoch"), else None (all in every epoch)."""
         return self.copies + 1 if self.schedule == "per_epoch" else None
 
+    #: a text set: batches padded to their own longest sequence
+    pads_sequences = True
+
     @property
     def replayable_views(self) -> int | None:
         """copies + 1 fixed views per sample (None if the base set's own items are not fixed)."""

@@ -297,6 +297,23 @@ def test_a_teacher_output_cache_keeps_each_rotated_copy_apart():
     assert distiller.teacher_pass.cache.filled.sum() == 8  # 2 items x 4 copies, each under its own key
 
 
+def test_the_cache_keeps_teacher_features_of_rotated_copies_too():
+    """The rotated batches lay themselves out (`collate`) but are images of one shape: unlike
+    padded text, their per-sample teacher features can be kept."""
+    from featkd.teacher_cache import TeacherCacheSettings
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    distiller = Distiller(teacher, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)), ["kd"],
+                          teacher_cache=TeacherCacheSettings("fp32", ["0"]))
+    data = distiller.prepare_data(RotatedCopies(images(views=2)))
+    x, y, extras = collate_of(data)([data[i] for i in (0, 7)])
+    with torch.no_grad():
+        distiller.teacher_pass(x, extras, {0: frozenset({"0"})})
+        again = distiller.teacher_pass(x, extras, {0: frozenset({"0"})})
+    assert torch.allclose(again.features[0]["0"], x.flatten(1))
+
+
 # -- refusals ------------------------------------------------------------------------------
 
 
