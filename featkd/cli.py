@@ -6,6 +6,7 @@
     featkd eval CHECKPOINT                    top-1 of a trained model on its test set
     featkd sweep CONFIG --grid k=v1,v2 ...    a grid of overrides x seeds -> results table
     featkd compare FILE [key=value ...]       variants x seeds -> results table
+    featkd report FOLDER                      an HTML page with plots of a run, comparison or sweep
     featkd inspect MODEL                      hookable module names with their shapes
     featkd list [losses|models|...]           what the registries hold
     featkd config CONFIG [key=value ...]      print the resolved, validated config
@@ -59,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds, replacing the file's list")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, in separate processes (default 1)")
     p.add_argument("--smoke", action="store_true", help="every variant on tiny synthetic data, one epoch, one seed")
+
+    p = sub.add_parser("report", help="an HTML page with plots of a run, comparison or sweep folder")
+    p.add_argument("folder", help="a run folder (featkd train), comparison folder (featkd compare) or sweep folder "
+                                  "(featkd sweep)")
+    p.add_argument("--out", metavar="FOLDER", help="write report.html and its plots here (default: into FOLDER)")
 
     p = sub.add_parser("quickstart", help="distil a CNN on digits with KD, FitNets, AT and RKD vs the student alone "
                                           "(--text: a transformer on generated sentences with KD, TinyBERT, MiniLM, MiniLMv2)")
@@ -195,6 +201,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print()
     print(result.markdown())
     print(f"\n{len(result.runs)} runs in {result.seconds:.0f}s; results in {result.folder}/results.md (.csv)")
+    if result.report:
+        print(f"report in {result.report}")
     return 0
 
 
@@ -206,6 +214,15 @@ def cmd_compare(args: argparse.Namespace, file: str | None = None) -> int:
     print()
     print(result.markdown())
     print(f"\n{len(result.rows)} runs in {result.seconds:.0f}s; results in {result.folder}/results.md (.csv, .json)")
+    if result.report:
+        print(f"report in {result.report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from featkd.report import write_report
+
+    print(write_report(args.folder, args.out))
     return 0
 
 
@@ -440,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": cmd_eval,
         "sweep": cmd_sweep,
         "compare": cmd_compare,
+        "report": cmd_report,
         "quickstart": lambda a: cmd_compare(a, "nlp/compare" if a.text else "quickstart_compare"),
         "inspect": cmd_inspect,
         "list": cmd_list,

@@ -121,6 +121,8 @@ class ComparisonResult:
     points: list[dict[str, Any]] = field(default_factory=list)
     chosen: dict[str, dict[str, Any]] = field(default_factory=dict)
     selection: list[RunRow] = field(default_factory=list)
+    #: the HTML report written after the results files (None if it could not be drawn)
+    report: Path | None = None
 
     @property
     def teacher_models(self) -> list[str]:
@@ -220,7 +222,8 @@ def _sections(data: dict[str, Any]) -> dict[str, Any]:
 
 def run_comparison(path: str | Path, overrides: Sequence[str] = (), seeds: Sequence[int] | None = None,
                    progress: bool = True, jobs: int = 1, smoke: bool = False) -> ComparisonResult:
-    """Run every variant for every seed (`jobs` at a time); write results.md / .csv / .json.
+    """Run every variant for every seed (`jobs` at a time); write results.md / .csv / .json,
+    then report.html (`featkd.report`).
 
     `smoke` runs each variant once, on tiny synthetic data for one epoch (see `smoke_config`).
     """
@@ -244,6 +247,12 @@ def run_comparison(path: str | Path, overrides: Sequence[str] = (), seeds: Seque
                                teachers_by_variant(runs), spec.baseline, time.perf_counter() - start, points, chosen,
                                selection)
     write_results(outcome)
+    from featkd.report import report_or_warn  # after the results: a failed plot loses nothing
+
+    outcome.report = report_or_warn(folder)
+    from featkd.dashboard import log_comparison  # the results as a W&B run of the comparison's group
+
+    log_comparison(outcome, next(iter(configs.values())).logger)
     return outcome
 
 
@@ -435,12 +444,17 @@ def difference(runs: list[RunRow], baseline: list[RunRow]) -> Interval | None:
     return bootstrap_difference(np.stack(a), np.stack(b), sorted(r.seed for r in runs) == sorted(r.seed for r in baseline))
 
 
+def best_epoch_label(validated: bool) -> str:
+    """What "best" means in a table: chosen on the validation split when there is one, else on
+    the test set itself, which flatters it."""
+    return "best epoch (chosen on the validation split)" if validated else \
+        "best epoch (selected on the test set, so optimistic)"
+
+
 def results_markdown(result: ComparisonResult) -> str:
     seeds = sorted({r.seed for r in result.rows})
     lines = _teacher_lines(result)
-    validated = any(r.val_acc is not None for r in result.rows)
-    best = "best epoch (chosen on the validation split)" if validated else \
-        "best epoch (selected on the test set, so optimistic)"
+    best = best_epoch_label(any(r.val_acc is not None for r in result.rows))
     lines += [
         f"Student top-1 on the test set, mean ± std over seeds {', '.join(map(str, seeds))}. "
         f"*last* = after the final epoch; *best* = {best}. Δ: difference of last-epoch means from the "

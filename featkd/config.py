@@ -200,7 +200,12 @@ class TeacherCacheConfig(_Strict):
 
 
 class LoggerConfig(_Strict):
-    """Weights & Biases settings (offline by default: no account or network needed)."""
+    """Weights & Biases settings (offline by default: no account or network needed).
+
+    `fallback: offline` lets `mode: online` log offline, with a note, where W&B has no login
+    or cannot be reached (without it, that is an error before anything trains). `media: true`
+    adds pictures of what the feature terms compare (attention maps, sample similarities) at
+    the first and the last epoch of each stage."""
 
     name: Literal["wandb", "none"] = "wandb"
     project: str = "featkd"
@@ -209,7 +214,16 @@ class LoggerConfig(_Strict):
     job_type: str | None = None
     tags: list[str] = Field(default_factory=list)
     mode: Literal["offline", "online", "disabled"] = "offline"
+    fallback: Literal["offline"] | None = None
+    media: bool = False
     _expand = _shorthand("name")
+
+    @model_validator(mode="after")
+    def _media_needs_wandb(self) -> LoggerConfig:
+        if self.media and (self.name != "wandb" or self.mode == "disabled"):
+            raise ValueError("`media: true` draws pictures for W&B, which this config turns off; set name: wandb "
+                             "(mode offline or online), or media: false")
+        return self
 
 
 def _live_terms(loss: dict[str, TermConfig | None]) -> dict[str, TermConfig]:

@@ -357,6 +357,22 @@ class Distiller(nn.Module):
         paraphraser, ...): call it like the Distiller and optimize its `trainable_parameters()`."""
         return Pretraining(self, self.term(term_name))
 
+    @torch.no_grad()
+    def term_features(self, name: str, x: Any) -> list[tuple[Pair, torch.Tensor, torch.Tensor]]:
+        """(pair, student feature, teacher feature) for each pair term `name` reads, on inputs
+        `x`, before any adapter: the models run in eval mode without gradients and are left as
+        they were (train/eval flags, batch-norm statistics, captures), for looking at what the
+        term compares."""
+        term = self.term(name)
+        reads = self.reads([term])
+        try:
+            with eval_mode(self.student):
+                _, students = self.run_student(x, reads.student)
+            teachers = self.teacher_pass.run(x, reads.teachers).features.get(term.teacher_index, {})
+        finally:
+            self.clear()
+        return [(pair, students[pair.student], teachers[pair.teacher]) for pair in self._pairs.get(name, [])]
+
     def term(self, name: str) -> Term:
         for term in self.terms:
             if term.name == name:

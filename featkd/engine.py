@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ class StageSettings:
     progress: bool = True
     epoch_lines: bool = False
     channels_last: bool = False
+    #: called with the epoch and the optimizer step after each epoch is logged (W&B pictures)
+    epoch_end: Callable[[int, int], None] | None = None
 
 
 # -- signals -----------------------------------------------------------------------------
@@ -242,6 +245,8 @@ def fit(
             if epoch in cfg.checkpoint_epochs:
                 write_checkpoint(settings, f"epoch{epoch}", state)
             logger.log(metrics, step.steps)
+            if settings.epoch_end is not None:
+                settings.epoch_end(epoch, step.steps)
             progress.epoch_line(epoch, metrics)
     last = settings.checkpoints.get("last")
     return StageResult(settings.name, loop.best_acc, loop.best_epoch, loop.last_acc, cfg.epochs,

@@ -64,3 +64,7 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 class ExportError(FeatkdError, ValueError):
     """A model cannot be exported or quantized (unfinished run, unsupported op, existing folder, ...)."""
+
+
+class ReportError(FeatkdError, ValueError):
+    """A report cannot be made from a folder (not a run, comparison or sweep folder)."""

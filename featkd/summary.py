@@ -20,7 +20,8 @@ from featkd.evaluation import evaluate
 from featkd.heads import HeadedStudent
 
 
-#: the final student's predicted class for every test sample, with the labels
+#: the final student's predicted class for every test sample, with the labels (and the first
+#: teacher's class, as `teacher_predictions`)
 PREDICTIONS = "predictions.pt"
 
 
@@ -80,15 +81,21 @@ def measure(run_dir: Path, results: dict[str, StageResult], final: str, student:
     ((model name, model) pairs): top-1 of each on the test set, agreement with the first
     teacher, and each one's footprint (latency on the first test inputs, on the CPU). The
     student's test predictions go to `predictions.pt` (for paired comparisons of runs on the
-    same test set)."""
+    same test set), with the first teacher's (for per-class comparisons)."""
     settings = settings or MeasureConfig()
     models = [model for _, model in teachers]
     first = models[0] if models else None
     tested = evaluate(student, test_loader, device, precision, reference=first, channels_last=channels_last,
                       keep_predictions=True)
+    # the first teacher's classes too, for per-class comparisons (the W&B per-class table)
+    teachers_tested = [evaluate(t, test_loader, device, precision, channels_last=channels_last, keep_predictions=i == 0)
+                       for i, t in enumerate(models)]
     if distributed.rank() == 0:
-        torch.save({k: tested[k] for k in ("predictions", "targets", "correct") if k in tested}, run_dir / PREDICTIONS)
-    teacher_acc = [evaluate(t, test_loader, device, precision, channels_last=channels_last)["acc"] for t in models]
+        saved = {k: tested[k] for k in ("predictions", "targets", "correct") if k in tested}
+        if teachers_tested and "predictions" in teachers_tested[0]:
+            saved["teacher_predictions"] = teachers_tested[0]["predictions"]
+        torch.save(saved, run_dir / PREDICTIONS)
+    teacher_acc = [t["acc"] for t in teachers_tested]
     inputs = {b: first_inputs(test_loader.dataset, b) for b in settings.batch_sizes} if settings.latency else {}
     named = {"student": student, **{f"teacher{i}": t for i, t in enumerate(models)}}
     footprints = measure_models(named, inputs, example, settings.repeats, settings.warmup, settings.threads,

@@ -63,6 +63,8 @@ class SweepResult:
     rows: list[SweepRow]
     runs: list[RunRow]
     seconds: float
+    #: the HTML report written after the results files (None if it could not be drawn)
+    report: Path | None = None
 
     def markdown(self) -> str:
         seeds = sorted({r.seed for r in self.runs})
@@ -98,7 +100,8 @@ def plan_sweep(config_path: str | Path, grid: dict[str, list[Any]], overrides: l
 
 def run_sweep(config_path: str | Path, grid: dict[str, list[Any]], overrides: list[str] = (), jobs: int = 1,
               name: str | None = None, progress: bool = True) -> SweepResult:
-    """Run the grid; write results.md and results.csv (one row per setting) and runs.csv."""
+    """Run the grid; write results.md and results.csv (one row per setting) and runs.csv, then
+    report.html (`featkd.report`)."""
     configs, seeds = plan_sweep(config_path, grid, list(overrides))
     first = next(iter(configs.values()))
     name = name or f"{first.name}-sweep"
@@ -114,6 +117,12 @@ def run_sweep(config_path: str | Path, grid: dict[str, list[Any]], overrides: li
         rows.append(SweepRow(setting, *last, *best, len(mine)))
     result = SweepResult(name, folder, keys, rows, runs, time.perf_counter() - start)
     write_results(result)
+    from featkd.report import report_or_warn  # after the results: a failed plot loses nothing
+
+    result.report = report_or_warn(folder)
+    from featkd.dashboard import log_sweep  # the results as a W&B run of the sweep's group
+
+    log_sweep(result, first.logger)
     return result
 
 

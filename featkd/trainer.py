@@ -30,6 +30,7 @@ from featkd import distributed, stage_cache
 from featkd import specialists as sp
 from featkd.checkpoint import load_checkpoint, save_checkpoint
 from featkd.config import Config, DataConfig, ModelConfig, TrainConfig
+from featkd.dashboard import Lineage, log_final_tables
 from featkd.data import DataBundle, build_data, collate_of, eval_loader, make_loaders
 from featkd.deploy.prune import magnitude_pruning, prune_channels, restore_structure, structure_of
 from featkd.deploy.qat import quantization_aware
@@ -38,6 +39,8 @@ from featkd.engine import StageResult, StageSettings, StopRequest, fit, restore_
 from featkd.errors import CheckpointError, ConfigError, FeatkdError
 from featkd.evaluation import evaluate, to_device
 from featkd.heads import HeadedStudent, head_payload, with_head
+from featkd.logging import checked_settings, wandb_logger
+from featkd.media import epoch_pictures, fixed_batch
 from featkd.models import build_model, count_parameters, frozen
 from featkd.run_folder import RunFolder
 from featkd.runtime import resolve_device, seed_everything
@@ -104,6 +107,7 @@ class Run:
 
     folder: RunFolder
     stop: StopRequest
+    lineage: Lineage
 
     def __init__(self, config: Config, device: torch.device, verbose: bool = True) -> None:
         self.config, self.device, self.verbose = config, device, verbose
@@ -244,6 +248,7 @@ class Run:
     def run(self, folder: RunFolder, stop: StopRequest) -> RunResult:
         """Run every stage (those the folder's state says are done are loaded), in `folder`."""
         self.folder, self.stop = folder, stop
+        self.lineage = Lineage(folder, self.plan)
         for index, stage in enumerate(self.plan.stages):
             self.results[stage.name] = self.run_stage(index, stage)
         outcome = self.final_outcome or self.outcome()
@@ -320,9 +325,12 @@ class Run:
                                      checkpoint=self.folder.relative(self.folder.checkpoints(stage.name, stage.final)["last"]))
             logger = self.folder.logger(stage.name, final=stage.final)
             try:
-                result = fit(distiller, train_loader, test_loader, self.settings(stage.name, stage.train, stage.final,
-                                                                                  spec, model=model), device, logger,
-                             resume=resume,
+                self.lineage.use_teachers(logger, stage)
+                settings = self.settings(stage.name, stage.train, stage.final, spec, model=model)
+                if config.logger.media and (run := wandb_logger(logger)) is not None:
+                    settings.epoch_end = epoch_pictures(distiller, fixed_batch(bundle.test, device), run,
+                                                        stage.train.epochs)
+                result = fit(distiller, train_loader, test_loader, settings, device, logger, resume=resume,
                              stop=self.stop, val_loader=val_loader)
                 self.results[stage.name] = result
                 self.heads.pop(stage.model, None)
@@ -335,6 +343,9 @@ class Run:
                         self.final_outcome = self.outcome()
                     summary.update(self.final_outcome.values())
                 logger.summary(summary)
+                self.lineage.log_stage(logger, stage, result)
+                if stage.final:
+                    log_final_tables(logger, self.folder.path, bundle.class_names)
             finally:
                 logger.finish()
         self.folder.state.update(stage.name, status="done", result=asdict(result))
@@ -416,6 +427,13 @@ class Run:
                              time.perf_counter() - started, str(path))
         if distributed.rank() == 0:
             save_checkpoint(path, {**ensemble.payload(), "generalist_acc": general_acc, "result": asdict(result)})
+        logger = self.folder.logger(stage.name)  # the ensemble's own W&B run: its lineage and its numbers
+        try:
+            self.lineage.use_teachers(logger, stage)
+            logger.summary({"generalist_acc": general_acc, "ensemble_acc": ensemble_acc, "clusters": ensemble.clusters})
+            self.lineage.log_ensemble(logger, stage, path, result, ensemble.clusters)
+        finally:
+            logger.finish()
         self.folder.state.update(stage.name, status="done", checkpoint=self.folder.relative(path),
                                  result=asdict(result), clusters=ensemble.clusters, generalist_acc=general_acc)
         self.say(f"{stage.name}: generalist top-1 {general_acc:.2f}%, generalist + {len(ensemble.clusters)} "
@@ -447,6 +465,8 @@ def train(config: Config, run_dir: Path | str | None = None, verbose: bool = Tru
     started_group = distributed.launched_by_torchrun() and not distributed.is_distributed()
     device = distributed.setup(config.device) if distributed.launched_by_torchrun() else resolve_device(config.device)
     try:
+        # W&B online needs a login and a way to its server: checked before anything is built
+        config = config.model_copy(update={"logger": checked_settings(config.logger)})
         run = Run(config, device, verbose)
         run.check()
         if resume:

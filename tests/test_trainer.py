@@ -147,6 +147,9 @@ class FakeRun:
     def log(self, metrics, step):
         self.logged.append((dict(metrics), step))
 
+    def define_metric(self, name, **options):
+        pass
+
     def finish(self):
         self.finished = True
 
