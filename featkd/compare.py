@@ -413,20 +413,21 @@ def _teacher_lines(result: ComparisonResult) -> list[str]:
     return [f"Teacher {model}: top-1 {acc:.2f}% (last epoch)." for model, acc in zip(result.teacher_models, result.teacher_acc)]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of top-1 over seeds."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarize(rows: list[RunRow], order: list[str], baseline: str | None) -> list[VariantSummary]:
     by_variant = {name: [r for r in rows if r.variant == name] for name in order}
     base_runs = by_variant.get(baseline, []) if baseline else []
-    base_last = _mean_std([r.last_acc for r in base_runs])[0] if base_runs else None
+    base_last = mean_std([r.last_acc for r in base_runs])[0] if base_runs else None
     out = []
     for name, runs in by_variant.items():
         if not runs:
             continue
-        last = _mean_std([r.last_acc for r in runs])
-        best = _mean_std([r.best_acc for r in runs])
+        last = mean_std([r.last_acc for r in runs])
+        best = mean_std([r.best_acc for r in runs])
         compared = base_last is not None and name != baseline
         out.append(VariantSummary(name, *last, *best, len(runs), last[0] - base_last if compared else None,
                                   difference(runs, base_runs) if compared else None))

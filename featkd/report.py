@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from featkd.compare import _mean_std, best_epoch_label, setting_label, slug
+from featkd.compare import mean_std, best_epoch_label, setting_label, slug
 from featkd.errors import ReportError
 from featkd.run_folder import RunState
 from featkd.stats import Interval
@@ -679,8 +679,8 @@ def _summaries_of(grid: Grid) -> tuple[dict[str, tuple[float, float]], dict[str,
     for variant in grid.order:
         done = [r for r in grid.of(variant) if r.last_acc is not None and r.best_acc is not None]
         if done:
-            last[variant] = _mean_std([r.last_acc for r in done])
-            best[variant] = _mean_std([r.best_acc for r in done])
+            last[variant] = mean_std([r.last_acc for r in done])
+            best[variant] = mean_std([r.best_acc for r in done])
     return last, best
 
 

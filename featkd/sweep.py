@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from featkd.compare import RunRow, _mean_std, new_folder, run_grid, setting_label, setting_override, settings_of
+from featkd.compare import RunRow, mean_std, new_folder, run_grid, setting_label, setting_override, settings_of
 from featkd.config import Config, load_config
 from featkd.errors import ConfigError
 
@@ -112,8 +112,8 @@ def run_sweep(config_path: str | Path, grid: dict[str, list[Any]], overrides: li
     rows = []
     for setting in settings_of(grid):
         mine = [r for r in runs if r.variant == setting_label(setting)]
-        last = _mean_std([r.last_acc for r in mine])
-        best = _mean_std([r.best_acc for r in mine])
+        last = mean_std([r.last_acc for r in mine])
+        best = mean_std([r.best_acc for r in mine])
         rows.append(SweepRow(setting, *last, *best, len(mine)))
     result = SweepResult(name, folder, keys, rows, runs, time.perf_counter() - start)
     write_results(result)
