@@ -160,6 +160,11 @@ class Distiller(nn.Module):
         student_shapes = self._student_capture.probe(self.student, example_input) if self._student_capture else {}
         teacher_shapes = self.teacher_pass.probe(example_input)
         device = _device_of(self.student)
+        if any(t.module.reads_class_count for t in self.terms):
+            classes = output_width(self.student, example_input)
+            for term in self.terms:
+                if term.module.reads_class_count:
+                    term.module.bind_classes(classes)
         for term in self._feature_terms():
             adapted, targets = [], []
             adapters = nn.ModuleList()

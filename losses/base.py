@@ -16,6 +16,8 @@ Hooks a loss may use, all called by the Distiller (and so by the trainer) in a g
   set `has_shape_dependent_parameters = True` so they exist before the optimizer is made;
 - `bind_modules(student_modules, teacher_modules)`: the modules the pairs read (OFD's teacher
   batch norms);
+- `bind_classes(classes)`: the width of the student's logits, before `bind`, for losses that
+  set `reads_class_count` (OFA's branches classify into as many classes);
 - `prepare_data(dataset)`: wrap the training set to add fields to each batch (CRD adds the
   sample index), named in `batch_keys` and passed to `forward` as keywords;
 - `set_epoch(epoch)`: the loss sees the epoch (DKD's warm-up);
@@ -149,6 +151,8 @@ class DistillLoss(nn.Module):
     needs_same_shape: ClassVar[bool] = False
     #: `bind` creates parameters, so shapes must be probed before the optimizer is made.
     has_shape_dependent_parameters: ClassVar[bool] = False
+    #: `bind_classes` wants the width of the student's logits (probed at set-up).
+    reads_class_count: ClassVar[bool] = False
     #: Extra batch fields `forward` takes as keywords (supplied by `prepare_data`).
     batch_keys: ClassVar[tuple[str, ...]] = ()
     #: A stage this method runs before distillation, or None.
@@ -188,6 +192,10 @@ class DistillLoss(nn.Module):
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
         """Called once with the probed per-sample shapes of the (adapted) student features
         and the teacher features, before training; build shape-dependent state here."""
+
+    def bind_classes(self, classes: int) -> None:
+        """Called before `bind`, when `reads_class_count` is set, with the width of the
+        student's logits (classes, or a vocabulary) probed on the example batch."""
 
     def bind_modules(self, student_modules: Sequence[nn.Module | None],
                      teacher_modules: Sequence[nn.Module | None]) -> None:

@@ -222,20 +222,23 @@ class OFALoss(FeatureSetLoss):
     The loss reads z_t, z_s and the labels from the Distiller's step, not from captured
     features: the teacher side of each pair is not read (name the teacher's stages that the
     student's match, the paper's stage split). The feature shapes are known before training,
-    the logits are not, so the classifiers' width is the argument `num_classes` (checked
-    against both models' logits at every step).
+    the branches classify into as many classes as the student's logits have, probed at set-up
+    (`num_classes` fixes it instead; either is checked against both models' logits at every
+    step).
     """
 
     needs_targets = True
     has_shape_dependent_parameters = True
-    example = Example("layer*", "layer*", params={"num_classes": 10})
+    reads_class_count = True
+    example = Example("layer*", "layer*")
 
-    def __init__(self, num_classes: int, eps: float | tuple[float, ...] = 1.0, temperature: float = 1.0,
+    def __init__(self, num_classes: int | None = None, eps: float | tuple[float, ...] = 1.0, temperature: float = 1.0,
                  logit_weight: float = 1.0, embed_dim: int | None = None, class_tokens: int | None = None,
                  final_grid: int = 7, heads: int = 4) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ConfigError(f"ofa: num_classes is the width of the teacher's logits (>= 2), got {num_classes}.")
+        if num_classes is not None and num_classes < 2:
+            raise ConfigError(f"ofa: num_classes is the width of the logits (>= 2, or null: probed), got "
+                              f"{num_classes}.")
         values = (eps,) if isinstance(eps, (int, float)) else tuple(eps)
         if not values or not all(math.isfinite(e) and e > 0 for e in values):
             raise ConfigError(f"ofa: eps must be > 0 (the paper's 1 or 1.5), one value or one per branch and one "
@@ -256,7 +259,17 @@ class OFALoss(FeatureSetLoss):
         self._shapes: list[Shape] = []
         self._layouts: list[str] = []
 
+    def bind_classes(self, classes: int) -> None:
+        if self.num_classes is None:
+            self.num_classes = classes
+        elif self.num_classes != classes:
+            raise ConfigError(f"ofa: num_classes={self.num_classes}, but the student's logits have {classes}; set "
+                              "num_classes to the logits' width, or leave it out to have it probed.")
+
     def bind(self, student_shapes: Sequence[Shape], teacher_shapes: Sequence[Shape]) -> None:
+        if self.num_classes is None:
+            raise ConfigError("ofa: the number of classes is probed from the student's logits through a Distiller "
+                              "with example_input; outside one, give num_classes (or call bind_classes first).")
         shapes = [tuple(s) for s in student_shapes]
         for shape in shapes:
             if len(shape) not in (1, 2, 3):

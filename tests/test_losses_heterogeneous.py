@@ -243,3 +243,21 @@ def test_logits_of_another_width_or_an_ensemble_are_refused():
         loss(f, [None], torch.randn(2, 10), (torch.randn(2, 10), torch.randn(2, 10)), y)
     with pytest.raises(ConfigError, match="example_input"):
         OFALoss(num_classes=10)(f, [None], torch.randn(2, 10), torch.randn(2, 10), y)
+
+
+def test_the_number_of_classes_is_probed_from_the_students_logits_or_checked_against_them():
+    from featkd import Distiller, Term
+    from featkd.models import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("cnn", 10, (1, 8, 8), {"widths": (8, 16, 32)})
+    student = build_model("cnn", 10, (1, 8, 8), {"widths": (4, 8, 16)})
+    x = torch.randn(4, 1, 8, 8)
+    distiller = Distiller(teacher, student, [Term("ofa", student="layer*", teacher="layer*")], example_input=x)
+    ofa = distiller.losses["ofa"]
+    assert ofa.num_classes == 10 and all(branch(torch.randn(2, *s)).shape == (2, 10)
+                                         for branch, s in zip(ofa.branches, [(4, 8, 8), (8, 4, 4), (16, 2, 2)]))
+    with pytest.raises(ConfigError, match="num_classes=7, but the student's logits have 10"):
+        Distiller(teacher, student, [Term("ofa", student="layer*", teacher="layer*", num_classes=7)], example_input=x)
+    with pytest.raises(ConfigError, match="give num_classes"):
+        OFALoss().bind([(4,)], [(4,)])
