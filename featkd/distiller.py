@@ -207,6 +207,9 @@ class Distiller(nn.Module):
             if term.adapter is not None:
                 raise ConfigError(f"term {term.name!r} ({term.loss}) projects the student feature itself, and the "
                                   "student answers through that projection; leave the term's adapter unset.")
+            if _registered_name(term) is None:
+                raise ConfigError(f"term {term.name!r}: its loss {type(term.module).__name__} gives the student a head "
+                                  "but is not registered, so a checkpoint could not rebuild it; register it in LOSSES.")
 
     @property
     def deployed(self) -> nn.Module:
@@ -217,11 +220,8 @@ class Distiller(nn.Module):
         if not heads:
             return self.student
         term, head = heads[0]
-        loss = term.loss if isinstance(term.loss, str) else LOSSES.name_of(type(term.module))
-        if loss is None:
-            raise ConfigError(f"term {term.name!r}: its loss {type(term.module).__name__} gives the student a head but "
-                              "is not registered, so a checkpoint could not rebuild it; register it in LOSSES.")
-        return HeadedStudent(self.student, self._pairs[term.name][0].student, head, loss, term.module.head_args())
+        return HeadedStudent(self.student, self._pairs[term.name][0].student, head, _registered_name(term),
+                             term.module.head_args())
 
     def _check_outputs(self, example_input: Any) -> None:
         """Logit terms compare student and teacher outputs entry by entry: their last
@@ -495,6 +495,11 @@ class Pretraining:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+def _registered_name(term: Term) -> str | None:
+    """The registry name of a term's loss (what a checkpoint rebuilds its head from)."""
+    return term.loss if isinstance(term.loss, str) else LOSSES.name_of(type(term.module))
 
 
 @torch.no_grad()
