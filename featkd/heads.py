@@ -24,7 +24,12 @@ from torch import nn
 from featkd.capture import first_tensor, resolve, select_item, unwrap
 from featkd.errors import CheckpointError, ConfigError
 
-__all__ = ["HeadedStudent", "PooledClassifierHead", "head_payload", "with_head"]
+__all__ = ["HeadedStudent", "PooledClassifierHead", "global_pool", "head_payload", "with_head"]
+
+
+def global_pool(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *positions) averaged over the positions; a (B, C) vector as it is."""
+    return x.flatten(2).mean(-1) if x.dim() > 2 else x
 
 
 class PooledClassifierHead(nn.Module):
@@ -46,8 +51,7 @@ class PooledClassifierHead(nn.Module):
         return self.projector(feature)
 
     def classify(self, projected: torch.Tensor) -> torch.Tensor:
-        pooled = projected.flatten(2).mean(-1) if projected.dim() > 2 else projected
-        return self.classifier(pooled)
+        return self.classifier(global_pool(projected))
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         return self.classify(self.project(feature))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featkd.errors import ConfigError
-from featkd.heads import PooledClassifierHead
+from featkd.heads import PooledClassifierHead, global_pool
 from featkd.losses.base import LOSSES, Example, FeatureSetLoss, Shape, full_precision
 
 __all__ = ["ReusedTeacherClassifier", "SoftmaxRegression", "simkd_projector", "srd_connector"]
@@ -37,11 +37,6 @@ def srd_connector(student_channels: int, teacher_channels: int, dims: int = 0) -
     layer = nn.Linear(student_channels, teacher_channels, bias=False) if dims == 0 else \
         _CONV[dims](student_channels, teacher_channels, 1, bias=False)
     return nn.Sequential(layer, _NORM[dims](teacher_channels), nn.ReLU())
-
-
-def global_pool(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, *positions) averaged over the positions; a (B, C) vector as it is."""
-    return x.flatten(2).mean(-1) if x.dim() > 2 else x
 
 
 class _ReusesTeacherClassifier(FeatureSetLoss):
